@@ -1,0 +1,1 @@
+//! DeskVM engine.

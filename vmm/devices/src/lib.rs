@@ -1,0 +1,29 @@
+//! DeskVM device models.
+//!
+//! Every device here sees only offsets inside its own range (`BusDevice::read/write`) and
+//! raises interrupts through [`irq::IrqLine`]; none of them knows about KVM, threads or the
+//! app. The engine (`vmm`) places them on buses at the addresses in its layout file.
+//! Guest input is hostile: no register sequence may make a device panic or loop.
+#![forbid(unsafe_code)]
+
+pub mod bus;
+pub mod clock;
+pub mod irq;
+pub mod system;
+
+pub mod debugcon;
+pub mod fw_cfg;
+pub mod i8042;
+pub mod i440fx;
+pub mod pci;
+pub mod piix3;
+pub mod ps2_keyboard;
+pub mod ps2_mouse;
+pub mod reset;
+pub mod rtc;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use clock::{Clock, Timed};
+pub use irq::IrqLine;
+pub use system::SystemControl;
