@@ -1,1 +1,22 @@
-//! DeskVM engine.
+//! DeskVM engine: a PC on KVM.
+//!
+//! The app, the CLI and the tests use only this crate's facade: [`VmConfig`],
+//! [`VmHandle`] (start, pause, resume, reset, power off, events, stats) and
+//! [`InputHandle`]. Everything that touches KVM lives here; device models live in
+//! `vmm-devices` and see only offsets.
+
+pub mod config;
+pub mod error;
+pub mod firmware;
+pub mod layout;
+pub mod linux_boot;
+pub mod machine;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{CharOutput, ConfigError, FirmwareConfig, LinuxBootConfig, VmConfig};
+pub use error::VmmError;
+pub use machine::EngineOptions;
+pub use vcpu::ExitStats;
+pub use vm::{Event, InputHandle, InputRoute, VcpuStats, VmHandle, VmState, VmStats};

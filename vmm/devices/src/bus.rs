@@ -19,7 +19,9 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
-    #[error("range {base:#x}+{len:#x} overlaps the device already at {other_base:#x}+{other_len:#x}")]
+    #[error(
+        "range {base:#x}+{len:#x} overlaps the device already at {other_base:#x}+{other_len:#x}"
+    )]
     Overlap {
         base: u64,
         len: u64,
@@ -85,7 +87,10 @@ impl Bus {
     pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
         let entry = {
             let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
-            ranges.get(&old_base).cloned().ok_or(BusError::NotFound(old_base))?
+            ranges
+                .get(&old_base)
+                .cloned()
+                .ok_or(BusError::NotFound(old_base))?
         };
         self.remove(old_base)?;
         if let Err(e) = self.insert(new_base, entry.len, entry.device.clone()) {
@@ -113,7 +118,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((offset, dev)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(offset, data);
                 true
             }
             None => {
@@ -127,7 +134,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((offset, dev)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -167,11 +176,29 @@ mod tests {
         let bus = Bus::new();
         bus.insert(0x60, 1, dev()).unwrap();
         bus.insert(0x64, 1, dev()).unwrap();
-        assert!(matches!(bus.insert(0x5f, 2, dev()), Err(BusError::Overlap { other_base: 0x60, .. })));
-        assert!(matches!(bus.insert(0x64, 1, dev()), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(0x00, 0x100, dev()), Err(BusError::Overlap { .. })));
-        assert_eq!(bus.insert(0x10, 0, dev()), Err(BusError::BadRange { base: 0x10, len: 0 }).map(|_: ()| ()));
-        assert!(matches!(bus.insert(u64::MAX, 2, dev()), Err(BusError::BadRange { .. })));
+        assert!(matches!(
+            bus.insert(0x5f, 2, dev()),
+            Err(BusError::Overlap {
+                other_base: 0x60,
+                ..
+            })
+        ));
+        assert!(matches!(
+            bus.insert(0x64, 1, dev()),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(0x00, 0x100, dev()),
+            Err(BusError::Overlap { .. })
+        ));
+        assert_eq!(
+            bus.insert(0x10, 0, dev()),
+            Err(BusError::BadRange { base: 0x10, len: 0 }).map(|_: ()| ())
+        );
+        assert!(matches!(
+            bus.insert(u64::MAX, 2, dev()),
+            Err(BusError::BadRange { .. })
+        ));
         bus.insert(0x61, 3, dev()).unwrap();
         assert_eq!(bus.ranges(), vec![(0x60, 1), (0x61, 3), (0x64, 1)]);
     }
@@ -187,7 +214,10 @@ mod tests {
         assert!(bus.write(0x3f9, &[0xaa]));
         assert_eq!(d.lock().unwrap().last, Some((1, vec![0xaa])));
         let mut w = [0u8; 2];
-        assert!(!bus.read(0x3ff, &mut w), "access crossing the end is not the device's");
+        assert!(
+            !bus.read(0x3ff, &mut w),
+            "access crossing the end is not the device's"
+        );
         assert_eq!(w, [0xff, 0xff]);
         assert!(!bus.write(0x400, &[1]));
     }
@@ -201,6 +231,9 @@ mod tests {
         assert_eq!(bus.ranges(), vec![(0x2000, 0x100), (0x3000, 0x100)]);
         assert!(bus.relocate(0x2000, 0x3080).is_err());
         assert_eq!(bus.ranges(), vec![(0x2000, 0x100), (0x3000, 0x100)]);
-        assert!(matches!(bus.remove(0x1234), Err(BusError::NotFound(0x1234))));
+        assert!(matches!(
+            bus.remove(0x1234),
+            Err(BusError::NotFound(0x1234))
+        ));
     }
 }

@@ -13,8 +13,8 @@ pub mod system;
 
 pub mod debugcon;
 pub mod fw_cfg;
-pub mod i8042;
 pub mod i440fx;
+pub mod i8042;
 pub mod pci;
 pub mod piix3;
 pub mod ps2_keyboard;

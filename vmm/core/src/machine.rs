@@ -1,0 +1,505 @@
+//! Machine assembly: the only place that places devices at the addresses of `layout.rs`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_devices::clock::{Clock, HostClock};
+use vmm_devices::debugcon::DebugCon;
+use vmm_devices::fw_cfg::{self, FwCfg};
+use vmm_devices::i440fx::I440fxHostBridge;
+use vmm_devices::i8042::I8042;
+use vmm_devices::pci::{BusBarMapper, PciRoot};
+use vmm_devices::piix3::{PciIrqRouter, Piix3IsaBridge};
+use vmm_devices::reset::{ResetControl, SystemPortA};
+use vmm_devices::rtc::{Rtc, RtcState};
+use vmm_devices::serial::{Serial, SerialOutput};
+use vmm_devices::{Bus, BusDevice, IrqLine, SystemControl};
+
+use crate::config::{CharOutput, VmConfig};
+use crate::error::{Result, VmmError};
+use crate::layout::*;
+use crate::linux_boot::{load_linux, LinuxEntry};
+use crate::memory::{host_memory_bytes, BiosShadowWindow, FirmwareRom, GuestRam, MemoryMap};
+use crate::vcpu::{cpuid_for, ResetState};
+
+/// Engine options that are not part of a VM's configuration.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// The KVM device node (normally /dev/kvm).
+    pub kvm_path: PathBuf,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            kvm_path: PathBuf::from("/dev/kvm"),
+        }
+    }
+}
+
+/// An interrupt input of KVM's in-kernel PIC/IOAPIC, counting rising edges.
+pub struct KvmIrqLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+    level: AtomicBool,
+    pub raised: AtomicU64,
+}
+
+impl IrqLine for KvmIrqLine {
+    fn set_level(&self, high: bool) {
+        let was = self.level.swap(high, Ordering::SeqCst);
+        if high && !was {
+            self.raised.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = self.vm.set_irq_line(self.gsi, high) {
+            log::warn!("KVM_IRQ_LINE {} failed: {e}", self.gsi);
+        }
+    }
+}
+
+/// Opens KVM, turning the usual failures into advice.
+pub fn open_kvm(options: &EngineOptions) -> Result<Kvm> {
+    let path = &options.kvm_path;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        VmmError::KvmOpen {
+            path: path.clone(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        }
+    })?;
+    Kvm::new_with_path(c_path.as_c_str()).map_err(|e| kvm_open_error(path.clone(), e.errno()))
+}
+
+pub(crate) fn kvm_open_error(path: PathBuf, errno: i32) -> VmmError {
+    match errno {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => VmmError::KvmMissing { path },
+        libc::EACCES | libc::EPERM => VmmError::KvmPermission { path },
+        e => VmmError::KvmOpen {
+            path,
+            source: std::io::Error::from_raw_os_error(e),
+        },
+    }
+}
+
+fn open_output(what: &'static str, out: &CharOutput) -> Result<Box<dyn std::io::Write + Send>> {
+    let target = match out {
+        CharOutput::None => SerialOutput::Discard,
+        CharOutput::Stdio => SerialOutput::Stdio,
+        CharOutput::File(p) => SerialOutput::File(p.clone()),
+    };
+    target.open().map_err(|e| VmmError::Output {
+        what,
+        path: match out {
+            CharOutput::File(p) => p.clone(),
+            _ => PathBuf::from(out.to_string()),
+        },
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Checks the host can give what the config asks for.
+pub fn check_host_resources(kvm: &Kvm, config: &VmConfig) -> Result<()> {
+    if config.cpus == 0 {
+        return Err(VmmError::NoCpus);
+    }
+    let host_cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let available = host_cpus.min(kvm.get_max_vcpus()) as u32;
+    if config.cpus > available {
+        return Err(VmmError::TooManyCpus {
+            requested: config.cpus,
+            available,
+        });
+    }
+    if config.memory_mib < MIN_RAM_MIB {
+        return Err(VmmError::TooLittleMemory {
+            requested_mib: config.memory_mib,
+            min_mib: MIN_RAM_MIB,
+        });
+    }
+    if let Some(host) = host_memory_bytes() {
+        if config.memory_mib > host >> 20 {
+            return Err(VmmError::NotEnoughHostMemory {
+                requested_mib: config.memory_mib,
+                host_mib: host >> 20,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A built machine: KVM VM, memory, buses, devices and (not yet running) vCPUs.
+pub struct Machine {
+    pub config: VmConfig,
+    pub vm: Arc<VmFd>,
+    pub memory: Arc<MemoryMap>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub vcpus: Vec<(VcpuFd, ResetState)>,
+    pub linux_entry: Option<LinuxEntry>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub rtc: Arc<Mutex<Rtc>>,
+    pub serial: Arc<Mutex<Serial>>,
+    pub fw_cfg: Arc<Mutex<FwCfg>>,
+    pub pci: Arc<Mutex<PciRoot>>,
+    pub irq_lines: Vec<Arc<KvmIrqLine>>,
+    pub clock: Arc<dyn Clock>,
+    initial_irqchips: Vec<kvm_irqchip>,
+    initial_pit: kvm_pit_state2,
+    // Kept so their devices stay alive with the machine.
+    _resettables: Vec<Arc<Mutex<dyn Resettable>>>,
+}
+
+/// Devices with a machine-reset behaviour beyond what is rebuilt.
+pub trait Resettable: Send {
+    fn machine_reset(&mut self);
+}
+
+impl Resettable for ResetControl {
+    fn machine_reset(&mut self) {
+        self.reset();
+    }
+}
+impl Resettable for SystemPortA {
+    fn machine_reset(&mut self) {
+        self.reset();
+    }
+}
+
+/// A device registered at a port that wakes the engine's timer when touched.
+pub struct TimerNotifying<D: BusDevice> {
+    pub device: Arc<Mutex<D>>,
+    pub notify: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl<D: BusDevice> BusDevice for TimerNotifying<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset, data);
+        (self.notify)();
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset, data);
+        (self.notify)();
+    }
+}
+
+impl Machine {
+    pub fn build(
+        config: &VmConfig,
+        options: &EngineOptions,
+        system: Arc<dyn SystemControl>,
+        timer_notify: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Machine> {
+        config
+            .validate()
+            .map_err(|e| VmmError::Device(e.to_string()))?;
+        let kvm = open_kvm(options)?;
+        check_host_resources(&kvm, config)?;
+
+        // Firmware first: a missing file should be reported before anything heavy.
+        let firmware = if config.linux_boot.is_none() {
+            let path = crate::firmware::locate_bios(config.firmware.bios.as_deref())?;
+            Some(FirmwareRom::new(&crate::firmware::load_bios(&path)?)?)
+        } else {
+            None
+        };
+
+        let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(VmmError::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.set_tss_address(KVM_TSS_START as usize)
+            .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit_config = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit_config)
+            .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
+
+        let ram = GuestRam::new(config.memory_mib << 20)?;
+        let memory = MemoryMap::new(vm.clone(), ram.clone(), firmware)?;
+
+        let irq_lines: Vec<Arc<KvmIrqLine>> = (0..24)
+            .map(|gsi| {
+                Arc::new(KvmIrqLine {
+                    vm: vm.clone(),
+                    gsi,
+                    level: AtomicBool::new(false),
+                    raised: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        let irq = |n: u32| -> Arc<dyn IrqLine> { irq_lines[n as usize].clone() };
+
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let clock: Arc<dyn Clock> = HostClock::new();
+
+        // Legacy devices.
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            irq(KEYBOARD_IRQ),
+            irq(MOUSE_IRQ),
+            system.clone(),
+        )));
+        pio.insert(I8042_PORT as u64, I8042_PORT_LEN, i8042.clone())?;
+
+        let mut rtc = Rtc::new(irq(RTC_IRQ), clock.clone());
+        if let Some(path) = &config.nvram {
+            if let Some(state) = load_nvram(path)? {
+                rtc.restore(&state)
+                    .map_err(|e| VmmError::Device(format!("NVRAM {}: {e}", path.display())))?;
+            }
+        }
+        rtc.set_memory_sizes(ram.below_4g(), ram.above_4g());
+        rtc.set_cpu_count(config.cpus);
+        let rtc = Arc::new(Mutex::new(rtc));
+        pio.insert(
+            RTC_PORT as u64,
+            RTC_PORT_LEN,
+            Arc::new(Mutex::new(TimerNotifying {
+                device: rtc.clone(),
+                notify: timer_notify,
+            })),
+        )?;
+
+        let port_a = Arc::new(Mutex::new(SystemPortA::new(system.clone())));
+        pio.insert(SYSTEM_PORT_A as u64, 1, port_a.clone())?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            irq(COM1_IRQ),
+            open_output("serial", &config.serial)?,
+        )));
+        pio.insert(COM1_PORT as u64, COM1_PORT_LEN, serial.clone())?;
+        let debugcon = Arc::new(Mutex::new(DebugCon::new(open_output(
+            "debug console",
+            &config.debugcon,
+        )?)));
+        pio.insert(DEBUGCON_PORT as u64, 1, debugcon)?;
+
+        // fw_cfg: what SeaBIOS learns about the machine.
+        let mut cfg = FwCfg::new(ram.mem.clone());
+        cfg.add_u16(fw_cfg::NB_CPUS, config.cpus as u16);
+        cfg.add_u16(fw_cfg::MAX_CPUS, config.cpus as u16);
+        cfg.add_u64(fw_cfg::RAM_SIZE, config.memory_mib << 20);
+        cfg.add_u32(fw_cfg::IRQ0_OVERRIDE, 1);
+        let fw_err = |e: fw_cfg::FwCfgError| VmmError::Device(format!("fw_cfg: {e}"));
+        cfg.add_file("etc/e820", fw_cfg::e820_file_bytes(&ram.e820()))
+            .map_err(fw_err)?;
+        cfg.add_file("bootorder", fw_cfg::bootorder_bytes(&[]))
+            .map_err(fw_err)?;
+        cfg.set_boot_menu(
+            config.firmware.boot_menu,
+            config.firmware.boot_menu_timeout_ms.unwrap_or(2500),
+        );
+        let fw_cfg = Arc::new(Mutex::new(cfg));
+        pio.insert(FW_CFG_PORT as u64, FW_CFG_PORT_LEN, fw_cfg.clone())?;
+
+        // PCI bus 0: host bridge and ISA bridge; 0xcf9 is the reset control register.
+        let mapper = Arc::new(BusBarMapper::new(pio.clone(), mmio.clone()));
+        let mut pci = PciRoot::new(mapper);
+        let reset_control = Arc::new(Mutex::new(ResetControl::new(system.clone())));
+        pci.set_port_cf9_handler(reset_control.clone());
+        let pci_err = |e: vmm_devices::pci::PciError| VmmError::Device(e.to_string());
+        let host_bridge = Arc::new(Mutex::new(I440fxHostBridge::new(memory.clone())));
+        pci.add(PCI_HOST_BRIDGE_SLOT.0, PCI_HOST_BRIDGE_SLOT.1, host_bridge)
+            .map_err(pci_err)?;
+        let isa_lines: Vec<Arc<dyn IrqLine>> = (0..ISA_IRQ_COUNT).map(irq).collect();
+        let router = PciIrqRouter::new(isa_lines);
+        let isa_bridge = Arc::new(Mutex::new(Piix3IsaBridge::new(router.clone())));
+        pci.add(PCI_ISA_BRIDGE_SLOT.0, PCI_ISA_BRIDGE_SLOT.1, isa_bridge)
+            .map_err(pci_err)?;
+        let pci = Arc::new(Mutex::new(pci));
+        pio.insert(PCI_CONFIG_PORT as u64, PCI_CONFIG_PORT_LEN, pci.clone())?;
+
+        // The BIOS area's accesses that no KVM slot satisfies.
+        mmio.insert(
+            BIOS_SHADOW_START,
+            BIOS_SHADOW_END - BIOS_SHADOW_START,
+            Arc::new(Mutex::new(BiosShadowWindow {
+                map: memory.clone(),
+            })),
+        )?;
+
+        // Direct Linux boot, if asked for.
+        let linux_entry = match &config.linux_boot {
+            Some(lb) => Some(load_linux(
+                &ram.mem,
+                ram.below_4g(),
+                &ram.e820(),
+                &lb.kernel,
+                lb.initrd.as_deref(),
+                &lb.cmdline,
+            )?),
+            None => None,
+        };
+
+        // vCPUs with a consistent topology.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for index in 0..config.cpus {
+            let vcpu = vm
+                .create_vcpu(index as u64)
+                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&cpuid_for(&supported, index, config.cpus))
+                .map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
+            let reset_state = ResetState::capture(&vcpu)?;
+            vcpus.push((vcpu, reset_state));
+        }
+
+        let mut initial_irqchips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map_err(VmmError::kvm("KVM_GET_IRQCHIP"))?;
+            initial_irqchips.push(chip);
+        }
+        let initial_pit = vm.get_pit2().map_err(VmmError::kvm("KVM_GET_PIT2"))?;
+
+        Ok(Machine {
+            config: config.clone(),
+            vm,
+            memory,
+            pio,
+            mmio,
+            vcpus,
+            linux_entry,
+            i8042,
+            rtc,
+            serial,
+            fw_cfg,
+            pci,
+            irq_lines,
+            clock,
+            initial_irqchips,
+            initial_pit,
+            _resettables: vec![reset_control, port_a],
+        })
+    }
+
+    /// Resets devices and the in-kernel interrupt controllers (vCPUs reset themselves).
+    /// Call with all vCPUs parked.
+    pub fn reset_devices(&self) -> Result<()> {
+        for chip in &self.initial_irqchips {
+            self.vm
+                .set_irqchip(chip)
+                .map_err(VmmError::kvm("KVM_SET_IRQCHIP"))?;
+        }
+        self.vm
+            .set_pit2(&self.initial_pit)
+            .map_err(VmmError::kvm("KVM_SET_PIT2"))?;
+        for line in &self.irq_lines {
+            line.level.store(false, Ordering::SeqCst);
+        }
+        lock(&self.pci).reset();
+        lock(&self.i8042).reset();
+        lock(&self.rtc).reset();
+        lock(&self.serial).reset();
+        lock(&self.fw_cfg).reset();
+        for dev in &self._resettables {
+            lock(dev).machine_reset();
+        }
+        if let (Some(lb), Some(_)) = (&self.config.linux_boot, self.linux_entry) {
+            let ram = self.memory.ram();
+            load_linux(
+                &ram.mem,
+                ram.below_4g(),
+                &ram.e820(),
+                &lb.kernel,
+                lb.initrd.as_deref(),
+                &lb.cmdline,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Writes the CMOS NVRAM (and guest clock offset) where the config keeps it.
+    pub fn save_nvram(&self) -> Result<()> {
+        let Some(path) = &self.config.nvram else {
+            return Ok(());
+        };
+        let state = lock(&self.rtc).state();
+        let text = toml::to_string(&state).unwrap_or_default();
+        crate::config::write_atomically(path, text.as_bytes()).map_err(|source| VmmError::Nvram {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    pub fn interrupts(&self) -> Vec<u64> {
+        self.irq_lines
+            .iter()
+            .map(|l| l.raised.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+fn load_nvram(path: &std::path::Path) -> Result<Option<RtcState>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).map(Some).map_err(|e| {
+            VmmError::Device(format!(
+                "NVRAM file {} is damaged ({}); move it away to start with fresh CMOS settings",
+                path.display(),
+                e.message()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(VmmError::ReadFile {
+            what: "NVRAM",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_open_errors_say_what_to_do() {
+        let p = PathBuf::from("/dev/kvm");
+        let e = kvm_open_error(p.clone(), libc::EACCES).to_string();
+        assert!(e.contains("kvm' group") && e.contains("usermod"), "{e}");
+        let e = kvm_open_error(p.clone(), libc::ENOENT).to_string();
+        assert!(e.contains("does not exist") && e.contains("VT-x"), "{e}");
+        let e = kvm_open_error(p, libc::EIO).to_string();
+        assert!(e.contains("cannot use KVM"), "{e}");
+    }
+
+    #[test]
+    fn missing_kvm_node_is_reported() {
+        let options = EngineOptions {
+            kvm_path: PathBuf::from("/nonexistent/kvm"),
+        };
+        assert!(matches!(
+            open_kvm(&options),
+            Err(VmmError::KvmMissing { .. })
+        ));
+    }
+}

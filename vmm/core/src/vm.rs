@@ -1,0 +1,625 @@
+//! The facade the app, the CLI and the tests use: `VmHandle`, its events and statistics,
+//! and `InputHandle`.
+//!
+//! One engine thread per VM owns the machine: it serves commands, runs device timers and
+//! turns guest requests (reset, power off) and vCPU failures into state changes. A failing
+//! vCPU or device puts the VM into `VmState::Failed`; it never aborts the process.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vmm_devices::i8042::I8042;
+use vmm_devices::{SystemControl, Timed};
+use vmm_sys_util::signal::Killable;
+
+use crate::config::VmConfig;
+use crate::error::{Result, VmmError};
+use crate::machine::{lock, EngineOptions, Machine};
+use crate::vcpu::{
+    install_kick_handler, kick_signal, ExitCounters, ExitStats, RunControl, VcpuCommand,
+    VcpuObserver, VcpuRunner,
+};
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum VmState {
+    /// Built, not started (or stopped and ready to start again).
+    Stopped,
+    Running,
+    Paused,
+    /// Stopped by an error; the message says what happened.
+    Failed(String),
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmState::Stopped => f.write_str("stopped"),
+            VmState::Running => f.write_str("running"),
+            VmState::Paused => f.write_str("paused"),
+            VmState::Failed(m) => write!(f, "failed: {m}"),
+        }
+    }
+}
+
+/// What the engine tells its subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    StateChanged(VmState),
+    /// The guest reset the machine (or triple-faulted).
+    GuestReset,
+    Error(String),
+}
+
+/// CPU time and exits of one vCPU, cumulative since the VM started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VcpuStats {
+    pub cpu_time_ns: u64,
+    pub exits: ExitStats,
+}
+
+/// Cumulative counters; the UI computes rates from two snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VmStats {
+    /// Time since the VM was last started, in nanoseconds.
+    pub uptime_ns: u64,
+    pub vcpus: Vec<VcpuStats>,
+    /// Interrupt edges raised per GSI (ISA IRQs 0..16, PCI above).
+    pub interrupts: Vec<u64>,
+    pub resets: u64,
+}
+
+impl VmStats {
+    pub fn total_exits(&self) -> u64 {
+        self.vcpus.iter().map(|v| v.exits.total()).sum()
+    }
+}
+
+enum Message {
+    Start(Sender<Result<()>>),
+    Pause(Sender<Result<()>>),
+    Resume(Sender<Result<()>>),
+    Reset(Sender<Result<()>>),
+    PowerOff(Sender<Result<()>>),
+    GuestReset,
+    GuestPowerOff,
+    VcpuFailed(usize, String),
+    TimersChanged,
+    Shutdown,
+}
+
+struct Shared {
+    state: Mutex<VmState>,
+    subscribers: Mutex<Vec<Sender<Event>>>,
+    i8042: Mutex<Option<Arc<Mutex<I8042>>>>,
+    counters: Mutex<Vec<Arc<ExitCounters>>>,
+    vcpu_tids: Mutex<Vec<Arc<Mutex<Option<i32>>>>>,
+    interrupts: Mutex<Vec<u64>>,
+    started_at: Mutex<Option<Instant>>,
+    resets: Mutex<u64>,
+}
+
+impl Shared {
+    fn emit(&self, event: Event) {
+        lock(&self.subscribers).retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    fn set_state(&self, state: VmState) {
+        let changed = {
+            let mut s = lock(&self.state);
+            let changed = *s != state;
+            *s = state.clone();
+            changed
+        };
+        if changed {
+            self.emit(Event::StateChanged(state));
+        }
+    }
+}
+
+/// Devices' requests, delivered to the engine thread.
+struct EngineSignals {
+    tx: Mutex<Sender<Message>>,
+}
+
+impl EngineSignals {
+    fn send(&self, m: Message) {
+        let _ = lock(&self.tx).send(m);
+    }
+}
+
+impl SystemControl for EngineSignals {
+    fn request_reset(&self) {
+        self.send(Message::GuestReset);
+    }
+    fn request_poweroff(&self) {
+        self.send(Message::GuestPowerOff);
+    }
+}
+
+impl VcpuObserver for EngineSignals {
+    fn reset_requested(&self) {
+        self.send(Message::GuestReset);
+    }
+    fn poweroff_requested(&self) {
+        self.send(Message::GuestPowerOff);
+    }
+    fn vcpu_failed(&self, index: usize, message: String) {
+        self.send(Message::VcpuFailed(index, message));
+    }
+}
+
+/// A handle on one VM. Dropping it powers the VM off.
+pub struct VmHandle {
+    shared: Arc<Shared>,
+    tx: Sender<Message>,
+    engine: Option<JoinHandle<()>>,
+}
+
+/// Keyboard and pointer input for a VM. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct InputHandle {
+    shared: Arc<Shared>,
+}
+
+/// Where an input event went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputRoute {
+    Ps2Keyboard,
+    Ps2Mouse,
+    /// The VM is not running or has no device for this kind of event.
+    Dropped,
+}
+
+impl InputHandle {
+    fn i8042(&self) -> Option<Arc<Mutex<I8042>>> {
+        lock(&self.shared.i8042).clone()
+    }
+
+    /// A key, by Linux evdev code (KEY_ESC = 1, KEY_A = 30, ...), pressed or released.
+    pub fn key(&self, evdev_code: u16, down: bool) -> InputRoute {
+        match self.i8042() {
+            Some(dev) => {
+                lock(&dev).key_event(evdev_code, down);
+                InputRoute::Ps2Keyboard
+            }
+            None => InputRoute::Dropped,
+        }
+    }
+
+    /// Presses and releases a key.
+    pub fn tap(&self, evdev_code: u16) -> InputRoute {
+        self.key(evdev_code, true);
+        self.key(evdev_code, false)
+    }
+
+    /// Relative pointer motion (dy positive = down) with wheel and buttons (bit 0 left,
+    /// 1 right, 2 middle, 3 side, 4 extra).
+    pub fn pointer_relative(&self, dx: i32, dy: i32, wheel: i32, buttons: u8) -> InputRoute {
+        match self.i8042() {
+            Some(dev) => {
+                lock(&dev).mouse_motion(dx, dy, wheel, buttons);
+                InputRoute::Ps2Mouse
+            }
+            None => InputRoute::Dropped,
+        }
+    }
+
+    /// Absolute pointer position in 0..=0x7fff on both axes. Needs an absolute pointing
+    /// device (the USB tablet); the PS/2 mouse cannot take it.
+    pub fn pointer_absolute(&self, x: u16, y: u16, buttons: u8) -> InputRoute {
+        let _ = (x.min(0x7fff), y.min(0x7fff), buttons);
+        InputRoute::Dropped
+    }
+}
+
+impl VmHandle {
+    /// Builds the VM (checking KVM, host resources, firmware and outputs); it is not
+    /// started.
+    pub fn create(config: VmConfig) -> Result<VmHandle> {
+        Self::create_with(config, EngineOptions::default())
+    }
+
+    pub fn create_with(config: VmConfig, options: EngineOptions) -> Result<VmHandle> {
+        install_kick_handler()?;
+        let (tx, rx) = mpsc::channel();
+        let signals = Arc::new(EngineSignals {
+            tx: Mutex::new(tx.clone()),
+        });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(VmState::Stopped),
+            subscribers: Mutex::new(Vec::new()),
+            i8042: Mutex::new(None),
+            counters: Mutex::new(Vec::new()),
+            vcpu_tids: Mutex::new(Vec::new()),
+            interrupts: Mutex::new(Vec::new()),
+            started_at: Mutex::new(None),
+            resets: Mutex::new(0),
+        });
+        // Build once now so that configuration and host problems surface here.
+        let machine = build_machine(&config, &options, &signals)?;
+        *lock(&shared.i8042) = Some(machine.i8042.clone());
+        let mut engine = Engine {
+            config,
+            options,
+            shared: shared.clone(),
+            signals,
+            machine: Some(machine),
+            control: RunControl::new(),
+            threads: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("vmm-engine".into())
+            .spawn(move || engine.run(rx))
+            .map_err(VmmError::Thread)?;
+        Ok(VmHandle {
+            shared,
+            tx,
+            engine: Some(thread),
+        })
+    }
+
+    fn call(&self, make: impl FnOnce(Sender<Result<()>>) -> Message) -> Result<()> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.tx
+            .send(make(reply_tx))
+            .map_err(|_| VmmError::EngineGone)?;
+        reply_rx.recv().map_err(|_| VmmError::EngineGone)?
+    }
+
+    pub fn start(&self) -> Result<()> {
+        self.call(Message::Start)
+    }
+    pub fn pause(&self) -> Result<()> {
+        self.call(Message::Pause)
+    }
+    pub fn resume(&self) -> Result<()> {
+        self.call(Message::Resume)
+    }
+    /// A hard reset, as the reset button of a PC.
+    pub fn reset(&self) -> Result<()> {
+        self.call(Message::Reset)
+    }
+    /// Pulls the plug: the vCPUs stop at once, NVRAM is saved.
+    pub fn power_off(&self) -> Result<()> {
+        self.call(Message::PowerOff)
+    }
+
+    pub fn state(&self) -> VmState {
+        lock(&self.shared.state).clone()
+    }
+
+    /// A new stream of events from now on.
+    pub fn subscribe(&self) -> Receiver<Event> {
+        let (tx, rx) = mpsc::channel();
+        lock(&self.shared.subscribers).push(tx);
+        rx
+    }
+
+    pub fn input(&self) -> InputHandle {
+        InputHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    pub fn stats(&self) -> VmStats {
+        let counters = lock(&self.shared.counters).clone();
+        let tids = lock(&self.shared.vcpu_tids).clone();
+        let vcpus = counters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| VcpuStats {
+                cpu_time_ns: tids
+                    .get(i)
+                    .and_then(|t| *lock(t))
+                    .and_then(thread_cpu_time_ns)
+                    .unwrap_or(0),
+                exits: c.snapshot(),
+            })
+            .collect();
+        let started = *lock(&self.shared.started_at);
+        VmStats {
+            uptime_ns: started.map(|s| s.elapsed().as_nanos() as u64).unwrap_or(0),
+            vcpus,
+            interrupts: lock(&self.shared.interrupts).clone(),
+            resets: *lock(&self.shared.resets),
+        }
+    }
+
+    /// Blocks until the VM is stopped or failed, or `timeout` passes; returns the state.
+    pub fn wait_for_stop(&self, timeout: Option<Duration>) -> VmState {
+        let events = self.subscribe();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let state = self.state();
+            if matches!(state, VmState::Stopped | VmState::Failed(_)) {
+                return state;
+            }
+            let wait = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(w) => w.min(Duration::from_millis(200)),
+                    None => return state,
+                },
+                None => Duration::from_millis(200),
+            };
+            let _ = events.recv_timeout(wait);
+        }
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Message::Shutdown);
+        if let Some(t) = self.engine.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// CPU time of a thread of this process, from the scheduler's statistics.
+fn thread_cpu_time_ns(tid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+fn build_machine(
+    config: &VmConfig,
+    options: &EngineOptions,
+    signals: &Arc<EngineSignals>,
+) -> Result<Machine> {
+    let timer_signals = signals.clone();
+    Machine::build(
+        config,
+        options,
+        signals.clone(),
+        Arc::new(move || timer_signals.send(Message::TimersChanged)),
+    )
+}
+
+struct Engine {
+    config: VmConfig,
+    options: EngineOptions,
+    shared: Arc<Shared>,
+    signals: Arc<EngineSignals>,
+    machine: Option<Machine>,
+    control: Arc<RunControl>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Engine {
+    fn run(&mut self, rx: Receiver<Message>) {
+        loop {
+            let timeout = self.next_timer_in();
+            let message = match rx.recv_timeout(timeout) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.run_timers();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => Message::Shutdown,
+            };
+            match message {
+                Message::Start(reply) => {
+                    let r = self.start();
+                    let _ = reply.send(r);
+                }
+                Message::Pause(reply) => {
+                    let r = self.pause();
+                    let _ = reply.send(r);
+                }
+                Message::Resume(reply) => {
+                    let r = self.resume();
+                    let _ = reply.send(r);
+                }
+                Message::Reset(reply) => {
+                    let r = self.reset();
+                    let _ = reply.send(r);
+                }
+                Message::PowerOff(reply) => {
+                    self.power_off();
+                    let _ = reply.send(Ok(()));
+                }
+                Message::GuestReset => {
+                    if lock(&self.shared.state).clone() == VmState::Running {
+                        if let Err(e) = self.reset() {
+                            self.fail(format!("reset failed: {e}"));
+                        }
+                    }
+                }
+                Message::GuestPowerOff => self.power_off(),
+                Message::VcpuFailed(index, message) => {
+                    log::error!("vCPU {index}: {message}");
+                    self.fail(message);
+                }
+                Message::TimersChanged => self.run_timers(),
+                Message::Shutdown => {
+                    self.power_off();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn state(&self) -> VmState {
+        lock(&self.shared.state).clone()
+    }
+
+    fn invalid(&self, action: &'static str) -> VmmError {
+        VmmError::InvalidState {
+            state: self.state().to_string(),
+            action,
+        }
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    fn start(&mut self) -> Result<()> {
+        match self.state() {
+            VmState::Stopped | VmState::Failed(_) => {}
+            _ => return Err(self.invalid("start")),
+        }
+        let mut machine = match self.machine.take() {
+            Some(m) => m,
+            None => build_machine(&self.config, &self.options, &self.signals)?,
+        };
+        *lock(&self.shared.i8042) = Some(machine.i8042.clone());
+        self.control = RunControl::new();
+        let mut counters = Vec::new();
+        let mut tids = Vec::new();
+        for (index, (vcpu, reset_state)) in machine.vcpus.drain(..).enumerate() {
+            let c = Arc::new(ExitCounters::default());
+            let tid = Arc::new(Mutex::new(None));
+            counters.push(c.clone());
+            tids.push(tid.clone());
+            let runner = VcpuRunner {
+                index,
+                vcpu,
+                reset_state,
+                linux_entry: machine.linux_entry,
+                pio: machine.pio.clone(),
+                mmio: machine.mmio.clone(),
+                control: self.control.clone(),
+                counters: c,
+                observer: self.signals.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions and only returns this thread's id.
+                    *lock(&tid) = Some(unsafe { libc::gettid() });
+                    runner.run()
+                })
+                .map_err(VmmError::Thread)?;
+            self.threads.push(thread);
+        }
+        *lock(&self.shared.counters) = counters;
+        *lock(&self.shared.vcpu_tids) = tids;
+        *lock(&self.shared.started_at) = Some(Instant::now());
+        *lock(&self.shared.resets) = 0;
+        self.machine = Some(machine);
+        self.control.set_command(VcpuCommand::Run);
+        self.shared.set_state(VmState::Running);
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<()> {
+        if self.state() != VmState::Running {
+            return Err(self.invalid("pause"));
+        }
+        self.park_vcpus();
+        self.shared.set_state(VmState::Paused);
+        Ok(())
+    }
+
+    fn park_vcpus(&self) {
+        self.control.set_command(VcpuCommand::Pause);
+        self.control.wait_all_parked(|| self.kick_all());
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        if self.state() != VmState::Paused {
+            return Err(self.invalid("resume"));
+        }
+        self.control.set_command(VcpuCommand::Run);
+        self.shared.set_state(VmState::Running);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        let state = self.state();
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(self.invalid("reset"));
+        }
+        self.park_vcpus();
+        if let Some(m) = &self.machine {
+            m.reset_devices()?;
+        }
+        self.control.bump_reset_epoch();
+        *lock(&self.shared.resets) += 1;
+        self.shared.emit(Event::GuestReset);
+        if state == VmState::Running {
+            self.control.set_command(VcpuCommand::Run);
+        }
+        Ok(())
+    }
+
+    fn stop_threads(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.control.set_command(VcpuCommand::Exit);
+        self.control.wait_all_exited(|| self.kick_all());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    fn power_off(&mut self) {
+        let was_running = !matches!(self.state(), VmState::Stopped);
+        self.stop_threads();
+        if let Some(m) = self.machine.take() {
+            self.snapshot_interrupts(&m);
+            if was_running {
+                if let Err(e) = m.save_nvram() {
+                    self.shared.emit(Event::Error(e.to_string()));
+                }
+            }
+        }
+        *lock(&self.shared.i8042) = None;
+        if !matches!(self.state(), VmState::Failed(_)) {
+            self.shared.set_state(VmState::Stopped);
+        }
+    }
+
+    fn fail(&mut self, message: String) {
+        if matches!(self.state(), VmState::Failed(_) | VmState::Stopped) {
+            return;
+        }
+        self.shared.emit(Event::Error(message.clone()));
+        self.stop_threads();
+        if let Some(m) = self.machine.take() {
+            self.snapshot_interrupts(&m);
+            let _ = m.save_nvram();
+        }
+        *lock(&self.shared.i8042) = None;
+        self.shared.set_state(VmState::Failed(message));
+    }
+
+    fn snapshot_interrupts(&self, m: &Machine) {
+        *lock(&self.shared.interrupts) = m.interrupts();
+    }
+
+    fn next_timer_in(&self) -> Duration {
+        const IDLE: Duration = Duration::from_millis(250);
+        let Some(m) = &self.machine else {
+            return IDLE;
+        };
+        if let Ok(mut irqs) = self.shared.interrupts.try_lock() {
+            *irqs = m.interrupts();
+        }
+        let now = m.clock.monotonic_ns();
+        match lock(&m.rtc).next_deadline_ns() {
+            Some(d) => Duration::from_nanos(d.saturating_sub(now)).min(IDLE),
+            None => IDLE,
+        }
+    }
+
+    fn run_timers(&mut self) {
+        let Some(m) = &self.machine else {
+            return;
+        };
+        let now = m.clock.monotonic_ns();
+        let mut rtc = lock(&m.rtc);
+        rtc.take_deadline_changed();
+        if rtc.next_deadline_ns().is_some_and(|d| d <= now) {
+            rtc.on_timer(now);
+        }
+    }
+}
