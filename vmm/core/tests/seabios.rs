@@ -1,0 +1,79 @@
+//! SeaBIOS from Debian's seabios package boots on the engine: it recognises QEMU/KVM,
+//! reads fw_cfg, builds its e820 map from ours, brings up both vCPUs and the PS/2
+//! keyboard, reaches boot selection, and an Esc typed through `InputHandle` opens its
+//! boot menu.
+
+mod common;
+
+use common::*;
+use vmm::{CharOutput, InputRoute, VmConfig, VmHandle, VmState};
+
+const KEY_ESC: u16 = 1;
+
+#[test]
+fn seabios_reaches_boot_selection_and_esc_opens_the_boot_menu() {
+    if require_kvm().is_none() {
+        return;
+    }
+    let Some(bios) = require_seabios() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("seabios.log");
+    let mut config = VmConfig {
+        name: "seabios".into(),
+        // More than fits below the PCI hole, so RAM continues above 4 GiB.
+        memory_mib: 4608,
+        cpus: 2,
+        debugcon: CharOutput::File(log.clone()),
+        nvram: Some(dir.path().join("nvram.toml")),
+        ..VmConfig::default()
+    };
+    config.firmware.bios = Some(bios);
+    config.firmware.boot_menu = true;
+    config.firmware.boot_menu_timeout_ms = Some(30_000);
+    let vm = VmHandle::create(config).unwrap();
+    vm.start().unwrap();
+
+    assert!(
+        wait_for_text(&log, "Press ESC for boot menu", LONG),
+        "{}",
+        read(&log)
+    );
+    assert_eq!(vm.input().tap(KEY_ESC), InputRoute::Ps2Keyboard);
+    assert!(
+        wait_for_text(&log, "Select boot device", LONG),
+        "{}",
+        read(&log)
+    );
+
+    let text = read(&log);
+    for expected in [
+        "SeaBIOS (version",
+        "Running on QEMU (i440fx)",
+        "Running on KVM",
+        "Found QEMU fw_cfg",
+        "QEMU fw_cfg DMA interface supported",
+        "qemu/e820: addr 0x0000000000000000 len 0x00000000e0000000 [RAM]",
+        "qemu/e820: addr 0x0000000100000000 len 0x0000000040000000 [RAM]",
+        "PCI: init bdf=00:00.0 id=8086:1237",
+        "PCI: init bdf=00:01.0 id=8086:7000",
+        "Found 2 cpu(s) max supported 2 cpu(s)",
+        "PS2 keyboard initialized",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    let stats = vm.stats();
+    assert_eq!(stats.vcpus.len(), 2);
+    assert!(
+        stats.interrupts[1] > 0,
+        "keyboard IRQ 1 never raised: {stats:?}"
+    );
+    assert_eq!(vm.state(), VmState::Running);
+    vm.power_off().unwrap();
+    assert!(dir.path().join("nvram.toml").is_file(), "NVRAM not saved");
+}
+
+fn read(p: &std::path::Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
+}
