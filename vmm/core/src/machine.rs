@@ -172,26 +172,31 @@ impl Resettable for SystemPortA {
     }
 }
 
-/// A device registered at a port that wakes the engine's timer when touched.
-pub struct TimerNotifying<D: BusDevice> {
-    pub device: Arc<Mutex<D>>,
+/// The RTC's ports: after a guest access that moved the RTC's next deadline (interrupt
+/// enables, rate, time), the engine's timer is woken to re-arm.
+pub struct RtcPorts {
+    pub rtc: Arc<Mutex<Rtc>>,
     pub notify: Arc<dyn Fn() + Send + Sync>,
 }
 
-impl<D: BusDevice> BusDevice for TimerNotifying<D> {
+impl RtcPorts {
+    fn after_access(&self, rtc: &mut Rtc) {
+        if rtc.take_deadline_changed() {
+            (self.notify)();
+        }
+    }
+}
+
+impl BusDevice for RtcPorts {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(offset, data);
-        (self.notify)();
+        let mut rtc = lock(&self.rtc);
+        rtc.read(offset, data);
+        self.after_access(&mut rtc);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(offset, data);
-        (self.notify)();
+        let mut rtc = lock(&self.rtc);
+        rtc.write(offset, data);
+        self.after_access(&mut rtc);
     }
 }
 
@@ -270,8 +275,8 @@ impl Machine {
         pio.insert(
             RTC_PORT as u64,
             RTC_PORT_LEN,
-            Arc::new(Mutex::new(TimerNotifying {
-                device: rtc.clone(),
+            Arc::new(Mutex::new(RtcPorts {
+                rtc: rtc.clone(),
                 notify: timer_notify,
             })),
         )?;

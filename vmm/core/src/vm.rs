@@ -617,7 +617,6 @@ impl Engine {
         };
         let now = m.clock.monotonic_ns();
         let mut rtc = lock(&m.rtc);
-        rtc.take_deadline_changed();
         if rtc.next_deadline_ns().is_some_and(|d| d <= now) {
             rtc.on_timer(now);
         }

@@ -402,3 +402,97 @@ jumping: db "JUMP", 10, 0
     vm.start().unwrap();
     assert_eq!(vm.wait_for_stop(Some(LONG)), VmState::Failed(message));
 }
+
+#[test]
+fn pam_registers_shadow_the_bios_area() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 0xf0000 is the ROM alias (the program's first byte, `cli` = 0xfa) until PAM 0x59
+    // says otherwise; 0xc0000 is nothing (0xff) until PAM 0x5a maps RAM there.
+    let body = r#"
+%macro PAM 2
+    mov dx, 0xcf8
+    mov eax, 0x80000058 | (%1 & 0xfc)
+    out dx, eax
+    mov dx, 0xcfc + (%1 & 3)
+    mov al, %2
+    out dx, al
+%endmacro
+%macro SHOW 1
+    mov al, [es:%1]
+    call hex8
+    PUTC ' '
+%endmacro
+start:
+    cli
+    mov ax, 0xf000
+    mov es, ax
+    SHOW 0
+    PAM 0x59, 0x30
+    mov byte [es:0], 0x5a
+    SHOW 0
+    PAM 0x59, 0x10
+    mov byte [es:0], 0x77
+    SHOW 0
+    PAM 0x59, 0x20
+    mov byte [es:0], 0x66
+    SHOW 0
+    PAM 0x59, 0x30
+    SHOW 0
+    PAM 0x59, 0x00
+    SHOW 0
+    mov ax, 0xc000
+    mov es, ax
+    SHOW 0
+    PAM 0x5a, 0x03
+    mov byte [es:0], 0x3c
+    SHOW 0
+    PUTC 10
+    jmp halt_forever
+"#;
+    let config = program_config(dir.path(), "pam", body);
+    let vm = VmHandle::create(config.clone()).unwrap();
+    vm.start().unwrap();
+    assert!(
+        wait_for_text(&debugcon_path(&config), "\n", LONG),
+        "{:?}",
+        vm.state()
+    );
+    assert_eq!(output_of(&config), "fa 5a 5a fa 66 fa ff 3c \n");
+}
+
+#[test]
+fn rtc_update_interrupt_reaches_irq8_from_the_engine_timer() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Enable the update-ended interrupt (status B = UIE | 24 h) and wait; only the
+    // engine's timer thread can raise IRQ 8 while the guest never touches the RTC again.
+    let body = r#"
+start:
+    cli
+    mov al, 0x0b
+    out 0x70, al
+    mov al, 0x12
+    out 0x71, al
+    PUTS armed
+    jmp halt_forever
+armed: db "ARMED", 10, 0
+"#;
+    let config = program_config(dir.path(), "rtc", body);
+    let vm = VmHandle::create(config.clone()).unwrap();
+    vm.start().unwrap();
+    assert!(wait_for_text(&debugcon_path(&config), "ARMED", LONG));
+    let start = std::time::Instant::now();
+    while vm.stats().interrupts[8] == 0 && start.elapsed() < LONG {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        vm.stats().interrupts[8],
+        1,
+        "IRQ 8 rises once and stays high until C is read"
+    );
+}
