@@ -3,19 +3,22 @@
 
 Each round runs DeskVM, then QEMU (alternating, so drift on the host affects both alike),
 with the same firmware image (DeskVM gets it with --firmware, QEMU with -bios) and the
-same guest memory. For every run it measures, from spawning the process:
+same guest memory. For every run it measures, from starting the engine:
 
 * the wall time until SeaBIOS's debug console shows "SeaBIOS (version" (firmware start)
   and "Press ESC for boot menu" (boot selection), polling the file every 5 ms;
-* at the boot-menu moment, before stopping the process: the VM exit counters from the
-  kernel's per-VM KVM statistics in debugfs (/sys/kernel/debug/kvm/<pid>-<fd>/) and
-  the peak resident memory (VmHWM from /proc/<pid>/status).
+* the VM exits up to the boot menu, counted with `perf stat` on KVM's tracepoints
+  (kvm_userspace_exit, kvm_pio, kvm_mmio) in the process and all its threads; perf is
+  attached while the process is still stopped before its exec, so nothing is missed;
+* at the boot-menu moment, before stopping the process: the peak resident memory
+  (VmHWM from /proc/<pid>/status).
 
-Then it stops the process (SIGTERM, SIGKILL after 5 s). At the end it prints the median,
-minimum and maximum per engine and metric, and the ratio DeskVM/QEMU of the medians.
+Then it stops perf (SIGINT, it writes its counts) and the process (SIGTERM, SIGKILL
+after 5 s). At the end it prints the median, minimum and maximum per engine and metric,
+and the ratio DeskVM/QEMU of the medians.
 It measures and reports; it never judges the numbers.
 
-Needs /dev/kvm, and root for the exit counters (debugfs); without them the exits are
+Needs /dev/kvm, and root and perf for the exit counts; without them the exits are
 reported as unavailable. Standard library only. See bench/README.md.
 """
 
@@ -24,9 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import errno
 import json
 import os
+import select
 import shutil
 import signal
 import statistics
@@ -41,26 +44,24 @@ REPO = Path(__file__).resolve().parent.parent
 DESKVM = REPO / "target" / "release" / "deskvm"
 QEMU = "qemu-system-x86_64"
 BIOS = Path("/usr/share/seabios/bios.bin")
-DEBUGFS = Path("/sys/kernel/debug")
-KVM_DEBUGFS = DEBUGFS / "kvm"
+PERF = "perf"
 
 FIRMWARE_MARKER = b"SeaBIOS (version"
 MENU_MARKER = b"Press ESC for boot menu"
 POLL_INTERVAL_S = 0.005
 STOP_GRACE_S = 5.0
+PERF_ACK_TIMEOUT_S = 10.0
 
 ENGINES = ("DeskVM", "QEMU")
-# Exit counters shown in the tables (the JSON holds every "*exits" counter found).
-SHOWN_EXIT_COUNTERS = (
-    "exits",
-    "io_exits",
-    "mmio_exits",
-    "halt_exits",
-    "irq_exits",
-    "irq_window_exits",
-    "request_irq_exits",
-    "signal_exits",
-)
+# KVM tracepoints counted with perf, and their titles in the tables.
+EXIT_EVENTS = {
+    "kvm:kvm_userspace_exit": "VM exits to userspace (kvm_userspace_exit)",
+    "kvm:kvm_pio": "VM exits: port I/O (kvm_pio)",
+    "kvm:kvm_mmio": "VM exits: MMIO (kvm_mmio)",
+}
+# Runs the command as a process that first stops itself and, once continued, execs the
+# command under the same pid: perf attaches in between, before the engine has run.
+LAUNCHER = ["sh", "-c", 'kill -STOP $$ && exec "$@"', "sh"]
 
 
 @dataclasses.dataclass
@@ -133,42 +134,88 @@ def build_deskvm() -> None:
     subprocess.run([cargo, "build", "--release"], cwd=REPO, check=True)
 
 
-def kvm_debugfs_problem() -> str | None:
-    """None if the KVM debugfs directory exists (mounting debugfs if needed), else why not."""
-    try:
-        if not KVM_DEBUGFS.is_dir() and not os.path.ismount(DEBUGFS):
-            subprocess.run(["mount", "-t", "debugfs", "none", str(DEBUGFS)], capture_output=True)
-        if KVM_DEBUGFS.is_dir():
-            return None
-        return f"{KVM_DEBUGFS} does not exist (debugfs not mountable or KVM not loaded)"
-    except OSError as error:
-        return f"{KVM_DEBUGFS}: {error.strerror}"
+def perf_problem() -> str | None:
+    """None if perf can count EXIT_EVENTS here, else why not."""
+    if shutil.which(PERF) is None:
+        return f"{PERF} not found in PATH"
+    result = subprocess.run([PERF, "stat", "-e", ",".join(EXIT_EVENTS), "-x", ",",
+                             "-o", os.devnull, "--", "true"], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+        return f"{PERF} stat fails: {lines[0]}"
+    return None
 
 
-def read_vm_exits(pid: int) -> tuple[dict[str, int] | None, str | None]:
-    """The exit counters of PID's VM(s) from debugfs, or None and the reason.
+class PerfError(Exception):
+    """perf did not count as asked; the message says why."""
 
-    The directory is named "<tid>-<fd>" after the thread that created the VM, normally
-    the main thread, so every thread id of PID is accepted; counters of several VMs add up.
-    """
-    tids = set(os.listdir(f"/proc/{pid}/task"))
-    vm_dirs = [d for d in KVM_DEBUGFS.iterdir() if d.name.split("-")[0] in tids]
-    if not vm_dirs:
-        return None, f"no {KVM_DEBUGFS}/{pid}-* directory"
-    counters: dict[str, int] = {}
-    for vm_dir in vm_dirs:
-        for stat in sorted(vm_dir.iterdir()):
-            if not (stat.name == "exits" or stat.name.endswith("_exits")):
-                continue
-            try:
-                value = int(stat.read_text())
-            except OSError as error:
-                reason = f"reading {stat.name}: {error.strerror}"
-                if error.errno == errno.EPERM:
-                    reason += " (kernel lockdown restricts debugfs, see dmesg)"
-                return None, reason
-            counters[stat.name] = counters.get(stat.name, 0) + value
-    return counters, None
+
+class ExitCounter:
+    """`perf stat` attached to one process, counting EXIT_EVENTS in all its threads
+    (including threads created later), controlled through a pair of pipes."""
+
+    def __init__(self, pid: int, output: Path, log: Path):
+        self.output = output
+        self.log = log
+        ctl_read, self.ctl = os.pipe()
+        self.ack, ack_write = os.pipe()
+        with log.open("wb") as log_file:
+            self.proc = subprocess.Popen(
+                [PERF, "stat", "-e", ",".join(EXIT_EVENTS), "-x", ",", "-o", str(output),
+                 "-p", str(pid), "--control", f"fd:{ctl_read},{ack_write}"],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                pass_fds=(ctl_read, ack_write))
+        os.close(ctl_read)
+        os.close(ack_write)
+
+    def command(self, name: str) -> None:
+        """Send perf the control command NAME and wait for its acknowledgement. perf only
+        reads commands once its counters are open, so after "enable" it is counting."""
+        try:
+            os.write(self.ctl, f"{name}\n".encode())
+            ready, _, _ = select.select([self.ack], [], [], PERF_ACK_TIMEOUT_S)
+            acked = bool(ready) and os.read(self.ack, 16).startswith(b"ack")
+        except OSError as error:
+            raise PerfError(f"perf control '{name}': {error.strerror}; {tail(self.log)}")
+        if not acked:
+            raise PerfError(f"perf did not acknowledge '{name}'; {tail(self.log)}")
+
+    def counts(self) -> dict[str, int]:
+        """Stop counting, let perf write its counts (SIGINT) and return them."""
+        self.command("disable")
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            raise PerfError(f"perf still running {STOP_GRACE_S:g} s after SIGINT")
+        counts = {}
+        for line in self.output.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2] in EXIT_EVENTS:
+                if not fields[0].isdigit():
+                    raise PerfError(f"{fields[2]}: {fields[0]}")
+                counts[fields[2]] = int(fields[0])
+        missing = EXIT_EVENTS.keys() - counts.keys()
+        if missing:
+            raise PerfError(f"no count for {', '.join(sorted(missing))} in perf's output")
+        return counts
+
+    def close(self) -> None:
+        """End perf if it still runs and release the pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.ctl)
+        os.close(self.ack)
+
+
+def wait_until_stopped(pid: int, timeout_s: float) -> None:
+    """Wait until PID is in the stopped state (the launcher stopped itself)."""
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"launcher {pid} did not stop within {timeout_s:g} s")
+        time.sleep(0.001)
 
 
 def peak_rss_kib(pid: int) -> int | None:
@@ -221,22 +268,37 @@ def tail(path: Path, lines: int = 5) -> str:
 def measure(engine: str, round_no: int, args: argparse.Namespace, workdir: Path,
             exits_problem: str | None) -> Run:
     """Run ENGINE once up to the boot menu and return what was measured."""
-    debugcon = workdir / f"{engine}-{round_no}.debugcon"
-    log = workdir / f"{engine}-{round_no}.log"
+    stem = f"{engine}-{round_no}"
+    debugcon = workdir / f"{stem}.debugcon"
+    log = workdir / f"{stem}.log"
     run = Run(engine, round_no, command_for(engine, args.memory, debugcon))
+    run.vm_exits_unavailable = exits_problem
+    counter = None
     with log.open("wb") as log_file:
-        started = time.monotonic()
-        proc = subprocess.Popen(run.command, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(LAUNCHER + run.command, stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=subprocess.STDOUT)
         try:
+            wait_until_stopped(proc.pid, STOP_GRACE_S)
+            if exits_problem is None:
+                counter = ExitCounter(proc.pid, workdir / f"{stem}.perf.csv",
+                                      workdir / f"{stem}.perf.log")
+                try:
+                    counter.command("enable")
+                except PerfError as error:
+                    run.vm_exits_unavailable = str(error)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGCONT)
             wait_for_menu(proc, debugcon, started, args.timeout, run)
             if run.outcome == "ok":
-                if exits_problem is None:
-                    run.vm_exits, run.vm_exits_unavailable = read_vm_exits(proc.pid)
-                else:
-                    run.vm_exits_unavailable = exits_problem
+                if run.vm_exits_unavailable is None:
+                    try:
+                        run.vm_exits = counter.counts()
+                    except PerfError as error:
+                        run.vm_exits_unavailable = str(error)
                 run.peak_rss_kib = peak_rss_kib(proc.pid)
         finally:
+            if counter:
+                counter.close()
             run.stopped_by = stop(proc)
             run.returncode = proc.returncode
     if run.outcome == "timeout":
@@ -250,10 +312,10 @@ def describe(run: Run) -> str:
     """One progress line for RUN."""
     if run.outcome != "ok":
         return f"{run.outcome.upper()}: {run.detail}"
-    exits = run.vm_exits.get("exits", "n/a") if run.vm_exits else "unavailable"
+    exits = run.vm_exits["kvm:kvm_userspace_exit"] if run.vm_exits else "unavailable"
     return (
         f"firmware {run.firmware_start_s:.3f} s, menu {run.boot_menu_s:.3f} s, "
-        f"exits {exits}, VmHWM {run.peak_rss_kib / 1024:.1f} MiB, stopped by {run.stopped_by}"
+        f"userspace exits {exits}, VmHWM {run.peak_rss_kib / 1024:.1f} MiB, stopped by {run.stopped_by}"
     )
 
 
@@ -267,9 +329,9 @@ class Metric:
     value: Callable[[Run], float | None]
 
 
-def exit_counter(name: str) -> Callable[[Run], float | None]:
-    """Reads the exit counter NAME from a run."""
-    return lambda run: run.vm_exits.get(name) if run.vm_exits else None
+def exit_count(event: str) -> Callable[[Run], float | None]:
+    """Reads the count of the tracepoint EVENT from a run."""
+    return lambda run: run.vm_exits[event] if run.vm_exits else None
 
 
 METRICS = [
@@ -278,8 +340,7 @@ METRICS = [
     Metric("peak RSS (VmHWM)", "MiB", 1,
            lambda run: run.peak_rss_kib / 1024 if run.peak_rss_kib else None),
 ] + [
-    Metric("VM exits (all)" if name == "exits" else f"VM exits: {name}", "", 0, exit_counter(name))
-    for name in SHOWN_EXIT_COUNTERS
+    Metric(title, "", 0, exit_count(event)) for event, title in EXIT_EVENTS.items()
 ]
 
 
@@ -367,7 +428,7 @@ def main() -> int:
         sys.exit(f"{QEMU} not found in PATH")
 
     env = environment()
-    exits_problem = kvm_debugfs_problem()
+    exits_problem = perf_problem()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="deskvm-bench-") as workdir:
         for round_no in range(1, args.rounds + 1):
