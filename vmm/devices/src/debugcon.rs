@@ -66,27 +66,8 @@ impl BusDevice for DebugCon {
 mod tests {
     use super::*;
     use std::io;
-    use std::sync::{Arc, Mutex};
 
-    #[derive(Clone, Default)]
-    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-    impl SharedBuffer {
-        fn contents(&self) -> Vec<u8> {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-        }
-    }
-    impl Write for SharedBuffer {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_support::SharedBuffer;
 
     struct Failing;
     impl Write for Failing {

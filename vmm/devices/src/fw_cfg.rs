@@ -1050,15 +1050,7 @@ mod tests {
     }
 
     /// xorshift64*: deterministic, no dependencies.
-    struct Prng(u64);
-    impl Prng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use crate::test_support::TestRng as Prng;
 
     #[test]
     fn hostile_port_and_dma_sequences_do_not_panic() {

@@ -386,15 +386,7 @@ mod tests {
         );
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use crate::test_support::TestRng as Rng;
 
     #[test]
     fn hostile_config_writes_keep_identity_and_valid_pam() {

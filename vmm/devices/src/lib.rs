@@ -23,6 +23,9 @@ pub mod reset;
 pub mod rtc;
 pub mod serial;
 
+#[cfg(test)]
+pub(crate) mod test_support;
+
 pub use bus::{Bus, BusDevice, BusError};
 pub use clock::{Clock, Timed};
 pub use irq::IrqLine;

@@ -1746,16 +1746,7 @@ mod tests {
         assert_eq!(pirq_for_slot(3, 5), None);
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            // xorshift64*
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use crate::test_support::TestRng as Rng;
 
     #[test]
     fn hostile_port_and_config_traffic_never_panics_and_keeps_ids() {

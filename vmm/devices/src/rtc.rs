@@ -1294,15 +1294,7 @@ mod tests {
         assert_eq!(rtc.next_deadline_ns(), None);
     }
 
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
+    use crate::test_support::TestRng as XorShift;
 
     #[test]
     fn hostile_register_sequences_never_panic() {

@@ -490,28 +490,9 @@ impl SerialOutput {
 mod tests {
     use super::*;
     use crate::irq::CountingIrq;
-    use std::sync::Mutex;
 
     /// An in-memory writer the test keeps a handle to.
-    #[derive(Clone, Default)]
-    struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-    impl SharedBuffer {
-        fn contents(&self) -> Vec<u8> {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-        }
-    }
-    impl Write for SharedBuffer {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_support::SharedBuffer;
 
     struct BrokenPipe;
     impl Write for BrokenPipe {
