@@ -72,6 +72,8 @@ pub const COM1_IRQ: u32 = 4;
 pub const RTC_IRQ: u32 = 8;
 pub const MOUSE_IRQ: u32 = 12;
 pub const ISA_IRQ_COUNT: u32 = 16;
+/// Inputs of KVM's in-kernel IOAPIC.
+pub const GSI_COUNT: u32 = 24;
 
 // ---- PCI bus 0 -----------------------------------------------------------------------
 

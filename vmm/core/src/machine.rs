@@ -48,14 +48,19 @@ pub struct KvmIrqLine {
     vm: Arc<VmFd>,
     gsi: u32,
     level: AtomicBool,
-    pub raised: AtomicU64,
+    raised: Arc<InterruptCounts>,
 }
+
+/// Rising edges per GSI, shared with the facade's statistics.
+pub type InterruptCounts = Vec<AtomicU64>;
 
 impl IrqLine for KvmIrqLine {
     fn set_level(&self, high: bool) {
         let was = self.level.swap(high, Ordering::SeqCst);
         if high && !was {
-            self.raised.fetch_add(1, Ordering::Relaxed);
+            if let Some(count) = self.raised.get(self.gsi as usize) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if let Err(e) = self.vm.set_irq_line(self.gsi, high) {
             log::warn!("KVM_IRQ_LINE {} failed: {e}", self.gsi);
@@ -149,6 +154,7 @@ pub struct Machine {
     pub fw_cfg: Arc<Mutex<FwCfg>>,
     pub pci: Arc<Mutex<PciRoot>>,
     pub irq_lines: Vec<Arc<KvmIrqLine>>,
+    pub interrupt_counts: Arc<InterruptCounts>,
     pub clock: Arc<dyn Clock>,
     initial_irqchips: Vec<kvm_irqchip>,
     initial_pit: kvm_pit_state2,
@@ -238,13 +244,15 @@ impl Machine {
         let ram = GuestRam::new(config.memory_mib << 20)?;
         let memory = MemoryMap::new(vm.clone(), ram.clone(), firmware)?;
 
-        let irq_lines: Vec<Arc<KvmIrqLine>> = (0..24)
+        let interrupt_counts: Arc<InterruptCounts> =
+            Arc::new((0..GSI_COUNT).map(|_| AtomicU64::new(0)).collect());
+        let irq_lines: Vec<Arc<KvmIrqLine>> = (0..GSI_COUNT)
             .map(|gsi| {
                 Arc::new(KvmIrqLine {
                     vm: vm.clone(),
                     gsi,
                     level: AtomicBool::new(false),
-                    raised: AtomicU64::new(0),
+                    raised: interrupt_counts.clone(),
                 })
             })
             .collect();
@@ -396,6 +404,7 @@ impl Machine {
             fw_cfg,
             pci,
             irq_lines,
+            interrupt_counts,
             clock,
             initial_irqchips,
             initial_pit,
@@ -450,13 +459,6 @@ impl Machine {
             path: path.clone(),
             source,
         })
-    }
-
-    pub fn interrupts(&self) -> Vec<u64> {
-        self.irq_lines
-            .iter()
-            .map(|l| l.raised.load(Ordering::Relaxed))
-            .collect()
     }
 }
 

@@ -5,6 +5,7 @@
 //! turns guest requests (reset, power off) and vCPU failures into state changes. A failing
 //! vCPU or device puts the VM into `VmState::Failed`; it never aborts the process.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,7 +18,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::config::VmConfig;
 use crate::error::{Result, VmmError};
-use crate::machine::{lock, EngineOptions, Machine};
+use crate::machine::{lock, EngineOptions, InterruptCounts, Machine};
 use crate::vcpu::{
     install_kick_handler, kick_signal, ExitCounters, ExitStats, RunControl, VcpuCommand,
     VcpuObserver, VcpuRunner,
@@ -97,7 +98,7 @@ struct Shared {
     i8042: Mutex<Option<Arc<Mutex<I8042>>>>,
     counters: Mutex<Vec<Arc<ExitCounters>>>,
     vcpu_tids: Mutex<Vec<Arc<Mutex<Option<i32>>>>>,
-    interrupts: Mutex<Vec<u64>>,
+    interrupts: Mutex<Arc<InterruptCounts>>,
     started_at: Mutex<Option<Instant>>,
     resets: Mutex<u64>,
 }
@@ -235,7 +236,7 @@ impl VmHandle {
             i8042: Mutex::new(None),
             counters: Mutex::new(Vec::new()),
             vcpu_tids: Mutex::new(Vec::new()),
-            interrupts: Mutex::new(Vec::new()),
+            interrupts: Mutex::new(Arc::new(Vec::new())),
             started_at: Mutex::new(None),
             resets: Mutex::new(0),
         });
@@ -324,7 +325,10 @@ impl VmHandle {
         VmStats {
             uptime_ns: started.map(|s| s.elapsed().as_nanos() as u64).unwrap_or(0),
             vcpus,
-            interrupts: lock(&self.shared.interrupts).clone(),
+            interrupts: lock(&self.shared.interrupts)
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
             resets: *lock(&self.shared.resets),
         }
     }
@@ -500,6 +504,7 @@ impl Engine {
             self.threads.push(thread);
         }
         *lock(&self.shared.counters) = counters;
+        *lock(&self.shared.interrupts) = machine.interrupt_counts.clone();
         *lock(&self.shared.vcpu_tids) = tids;
         *lock(&self.shared.started_at) = Some(Instant::now());
         *lock(&self.shared.resets) = 0;
@@ -565,7 +570,6 @@ impl Engine {
         let was_running = !matches!(self.state(), VmState::Stopped);
         self.stop_threads();
         if let Some(m) = self.machine.take() {
-            self.snapshot_interrupts(&m);
             if was_running {
                 if let Err(e) = m.save_nvram() {
                     self.shared.emit(Event::Error(e.to_string()));
@@ -585,15 +589,10 @@ impl Engine {
         self.shared.emit(Event::Error(message.clone()));
         self.stop_threads();
         if let Some(m) = self.machine.take() {
-            self.snapshot_interrupts(&m);
             let _ = m.save_nvram();
         }
         *lock(&self.shared.i8042) = None;
         self.shared.set_state(VmState::Failed(message));
-    }
-
-    fn snapshot_interrupts(&self, m: &Machine) {
-        *lock(&self.shared.interrupts) = m.interrupts();
     }
 
     fn next_timer_in(&self) -> Duration {
@@ -601,9 +600,6 @@ impl Engine {
         let Some(m) = &self.machine else {
             return IDLE;
         };
-        if let Ok(mut irqs) = self.shared.interrupts.try_lock() {
-            *irqs = m.interrupts();
-        }
         let now = m.clock.monotonic_ns();
         match lock(&m.rtc).next_deadline_ns() {
             Some(d) => Duration::from_nanos(d.saturating_sub(now)).min(IDLE),
