@@ -412,7 +412,8 @@ impl VcpuRunner {
     }
 
     /// Reloads the post-creation state (and the Linux entry on the boot CPU).
-    pub fn load_reset_state(&self) -> Result<()> {
+    pub fn load_reset_state(&mut self) -> Result<()> {
+        self.complete_pending_io();
         self.reset_state.restore(&self.vcpu)?;
         if self.index == 0 {
             if let Some(entry) = self.linux_entry {
@@ -420,6 +421,15 @@ impl VcpuRunner {
             }
         }
         Ok(())
+    }
+
+    /// KVM finishes a port or MMIO instruction (storing the result, advancing RIP) on the
+    /// next `KVM_RUN`. Before registers are replaced, re-enter with `immediate_exit` so
+    /// that this happens now and not on top of the new state.
+    fn complete_pending_io(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let _ = self.vcpu.run();
+        self.vcpu.set_kvm_immediate_exit(0);
     }
 
     fn step(&mut self) -> Step {

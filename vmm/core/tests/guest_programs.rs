@@ -286,8 +286,9 @@ start:
     dec ecx
     jnz .next
     ; survived this boot without a reset: force one to move on
-    mov al, 0xfe
-    out 0x64, al
+    mov dx, 0xcf9
+    mov al, 0x06
+    out dx, al
     jmp halt_forever
 alive:
     PUTS alive_text
@@ -302,7 +303,12 @@ alive_text: db 10, "ALIVE", 10, 0
     let vm = VmHandle::create(config.clone()).unwrap();
     vm.start().unwrap();
     let alive = wait_for_text(&debugcon_path(&config), "ALIVE", LONG);
-    assert!(alive, "state {:?}, stats {:?}", vm.state(), vm.stats());
+    assert!(
+        alive,
+        "output {:?} state {:?}",
+        output_of(&config),
+        vm.state()
+    );
     assert_eq!(vm.state(), VmState::Running);
     assert!(
         vm.stats().resets >= 1,
