@@ -137,23 +137,17 @@ impl RunControl {
     /// Waits until every running vCPU thread is parked (or gone); `kick` is called
     /// repeatedly meanwhile to get vCPUs out of `KVM_RUN`.
     pub fn wait_all_parked(&self, kick: impl Fn()) {
-        let mut s = self.lock();
-        while s.parked < s.running_threads {
-            drop(s);
-            kick();
-            s = self.lock();
-            let (guard, _) = self
-                .cond
-                .wait_timeout(s, Duration::from_millis(2))
-                .unwrap_or_else(|e| e.into_inner());
-            s = guard;
-        }
+        self.wait_while(|s| s.parked < s.running_threads, kick);
     }
 
     /// Waits until all vCPU threads have ended.
     pub fn wait_all_exited(&self, kick: impl Fn()) {
+        self.wait_while(|s| s.running_threads > 0, kick);
+    }
+
+    fn wait_while(&self, busy: impl Fn(&ControlState) -> bool, kick: impl Fn()) {
         let mut s = self.lock();
-        while s.running_threads > 0 {
+        while busy(&s) {
             drop(s);
             kick();
             s = self.lock();
