@@ -347,17 +347,7 @@ impl Machine {
         )?;
 
         // Direct Linux boot, if asked for.
-        let linux_entry = match &config.linux_boot {
-            Some(lb) => Some(load_linux(
-                &ram.mem,
-                ram.below_4g(),
-                &ram.e820(),
-                &lb.kernel,
-                lb.initrd.as_deref(),
-                &lb.cmdline,
-            )?),
-            None => None,
-        };
+        let linux_entry = load_configured_kernel(config, &ram)?;
 
         // vCPUs with a consistent topology.
         let supported = kvm
@@ -434,17 +424,8 @@ impl Machine {
         for dev in &self._resettables {
             lock(dev).machine_reset();
         }
-        if let (Some(lb), Some(_)) = (&self.config.linux_boot, self.linux_entry) {
-            let ram = self.memory.ram();
-            load_linux(
-                &ram.mem,
-                ram.below_4g(),
-                &ram.e820(),
-                &lb.kernel,
-                lb.initrd.as_deref(),
-                &lb.cmdline,
-            )?;
-        }
+        // A reset boots the kernel again from a fresh copy.
+        load_configured_kernel(&self.config, self.memory.ram())?;
         Ok(())
     }
 
@@ -460,6 +441,24 @@ impl Machine {
             source,
         })
     }
+}
+
+/// Loads the configured kernel for direct Linux boot, if there is one.
+fn load_configured_kernel(config: &VmConfig, ram: &GuestRam) -> Result<Option<LinuxEntry>> {
+    config
+        .linux_boot
+        .as_ref()
+        .map(|lb| {
+            load_linux(
+                &ram.mem,
+                ram.below_4g(),
+                &ram.e820(),
+                &lb.kernel,
+                lb.initrd.as_deref(),
+                &lb.cmdline,
+            )
+        })
+        .transpose()
 }
 
 fn load_nvram(path: &std::path::Path) -> Result<Option<RtcState>> {

@@ -374,18 +374,9 @@ impl VcpuRunner {
             }
             match self.step() {
                 Step::Continue => {}
-                Step::Park => {
-                    // The engine acts on the request by pausing (reset) or stopping us.
-                    let mut s = self.control.lock();
-                    while s.command == VcpuCommand::Run && s.reset_epoch == epoch {
-                        let (g, _) = self
-                            .control
-                            .cond
-                            .wait_timeout(s, Duration::from_millis(50))
-                            .unwrap_or_else(|e| e.into_inner());
-                        s = g;
-                    }
-                }
+                // The engine acts on the request by pausing (reset) or stopping us.
+                Step::Park => self
+                    .wait_for_engine(|s| s.command == VcpuCommand::Run && s.reset_epoch == epoch),
                 Step::Fail(message) => self.fail(message),
             }
         }
@@ -394,8 +385,13 @@ impl VcpuRunner {
     fn fail(&self, message: String) {
         self.observer.vcpu_failed(self.index, message);
         // Wait until the engine pauses or stops us.
+        self.wait_for_engine(|s| s.command == VcpuCommand::Run);
+    }
+
+    /// Blocks this vCPU while `unchanged` holds for the control state.
+    fn wait_for_engine(&self, unchanged: impl Fn(&ControlState) -> bool) {
         let mut s = self.control.lock();
-        while s.command == VcpuCommand::Run {
+        while unchanged(&s) {
             let (g, _) = self
                 .control
                 .cond
