@@ -82,11 +82,198 @@ pub struct LinuxBootConfig {
     pub cmdline: String,
 }
 
+/// The guest OS, as the user or the wizard named it (drives defaults, shown in the library).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OsInfo {
+    /// "linux", "windows", "bsd" or "other".
+    #[serde(default)]
+    pub family: String,
+    /// Free text, e.g. "Debian 12".
+    #[serde(default)]
+    pub version: String,
+}
+
+/// A VNC server for the VM's screen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VncConfig {
+    /// Address to listen on; loopback by default.
+    #[serde(default = "default_vnc_address")]
+    pub address: String,
+    /// VNC display number: the server listens on TCP port 5900 + display.
+    pub display: u16,
+    /// VNC authentication password (at most 8 characters count); none when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+fn default_vnc_address() -> String {
+    "127.0.0.1".into()
+}
+
+impl VncConfig {
+    pub fn port(&self) -> u16 {
+        5900u16.saturating_add(self.display)
+    }
+}
+
+/// The display card (a Cirrus CL-GD5446).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisplayConfig {
+    /// Video memory in MiB: 4 (the default, like QEMU) or 8 or 16.
+    #[serde(default = "default_vram_mib")]
+    pub vram_mib: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc: Option<VncConfig>,
+}
+
+fn default_vram_mib() -> u32 {
+    4
+}
+
+impl Default for DisplayConfig {
+    fn default() -> Self {
+        Self {
+            vram_mib: default_vram_mib(),
+            vnc: None,
+        }
+    }
+}
+
+/// What a drive holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveKind {
+    /// An ATA hard disk (raw or qcow2 image).
+    #[default]
+    Disk,
+    /// An ATAPI CD/DVD-ROM drive (ISO image, or empty).
+    Cdrom,
+}
+
+/// One IDE drive: a disk or a CD-ROM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    #[serde(default)]
+    pub kind: DriveKind,
+    /// The image (raw, qcow2 or ISO); a CD-ROM may be empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Open the image read-only (always so for a CD-ROM).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The order the firmware tries boot devices in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootOrder {
+    /// Hard disk first, then CD-ROM.
+    #[default]
+    Disk,
+    /// CD-ROM first, then hard disk.
+    Cd,
+    /// CD-ROM first for the next start only (an install), then disk first.
+    CdOnce,
+}
+
+/// The network card model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NicModel {
+    /// Intel 82540EM.
+    #[default]
+    E1000,
+    /// Realtek RTL8139C+.
+    Rtl8139,
+    /// virtio-net (paravirtual).
+    VirtioNet,
+}
+
+/// A host-to-guest port forward of the NAT backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    /// "tcp" or "udp".
+    #[serde(default = "default_forward_protocol")]
+    pub protocol: String,
+    #[serde(default = "default_forward_address")]
+    pub host_address: String,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+fn default_forward_protocol() -> String {
+    "tcp".into()
+}
+
+fn default_forward_address() -> String {
+    "127.0.0.1".into()
+}
+
+/// Where a network card's frames go.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type", deny_unknown_fields)]
+pub enum NetBackendConfig {
+    /// User-mode NAT (no privileges): 10.0.2.0/24, gateway 10.0.2.2, DNS 10.0.2.3.
+    #[default]
+    Nat,
+    /// An existing TAP device.
+    Tap { name: String },
+}
+
+/// One network card.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    #[serde(default)]
+    pub model: NicModel,
+    /// "52:54:00:xx:xx:xx"; derived from the VM's name when left out (stable across runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Cable connected at start.
+    #[serde(default = "default_true")]
+    pub link_up: bool,
+    #[serde(default)]
+    pub backend: NetBackendConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<PortForward>,
+    /// NAT only: the boot file name given in DHCP answers (network boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_file: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Input devices besides the always-present PS/2 keyboard and mouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// A USB tablet (absolute pointer) on the UHCI controller.
+    #[serde(default)]
+    pub usb_tablet: bool,
+    /// A USB keyboard; keys go to it instead of PS/2.
+    #[serde(default)]
+    pub usb_keyboard: bool,
+}
+
 /// One virtual machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Stable identity (SMBIOS-style UUID text); set when the VM is created.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uuid: String,
+    #[serde(default)]
+    pub os: OsInfo,
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
     #[serde(default = "default_cpus")]
@@ -102,6 +289,17 @@ pub struct VmConfig {
     /// CMOS NVRAM kept across runs; a VM in the library keeps it in its folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvram: Option<PathBuf>,
+    #[serde(default)]
+    pub display: DisplayConfig,
+    /// IDE drives in order: primary master, primary slave, secondary master, secondary slave.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveConfig>,
+    #[serde(default)]
+    pub boot_order: BootOrder,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicConfig>,
+    #[serde(default)]
+    pub input: InputConfig,
 }
 
 fn default_memory_mib() -> u64 {
@@ -123,9 +321,22 @@ impl Default for VmConfig {
             serial: CharOutput::None,
             debugcon: CharOutput::None,
             nvram: None,
+            description: String::new(),
+            uuid: String::new(),
+            os: OsInfo::default(),
+            display: DisplayConfig::default(),
+            drives: Vec::new(),
+            boot_order: BootOrder::default(),
+            nics: Vec::new(),
+            input: InputConfig::default(),
         }
     }
 }
+
+/// Most IDE drives: two channels, master and slave.
+pub const MAX_DRIVES: usize = 4;
+/// Most network cards (PCI slots 3..=10).
+pub const MAX_NICS: usize = 8;
 
 /// The most vCPUs a config may name; the host may allow fewer.
 pub const MAX_CPUS: u32 = 255;
@@ -190,6 +401,11 @@ impl VmConfig {
         if let Some(n) = self.nvram.as_mut() {
             fix(n);
         }
+        for drive in &mut self.drives {
+            if let Some(p) = drive.path.as_mut() {
+                fix(p);
+            }
+        }
         for out in [&mut self.serial, &mut self.debugcon] {
             if let CharOutput::File(p) = out {
                 fix(p);
@@ -234,7 +450,99 @@ impl VmConfig {
                 });
             }
         }
+        if ![4, 8, 16].contains(&self.display.vram_mib) {
+            return Err(ConfigError::Invalid {
+                field: "display.vram_mib",
+                reason: format!("{} MiB is not 4, 8 or 16", self.display.vram_mib),
+            });
+        }
+        if let Some(vnc) = &self.display.vnc {
+            if vnc.display > 100 {
+                return Err(ConfigError::Invalid {
+                    field: "display.vnc.display",
+                    reason: format!("display {} is above 100 (port 6000)", vnc.display),
+                });
+            }
+            if vnc.address.parse::<std::net::IpAddr>().is_err() {
+                return Err(ConfigError::Invalid {
+                    field: "display.vnc.address",
+                    reason: format!("\"{}\" is not an IP address", vnc.address),
+                });
+            }
+        }
+        if self.drives.len() > MAX_DRIVES {
+            return Err(ConfigError::Invalid {
+                field: "drives",
+                reason: format!(
+                    "{} drives, but IDE has room for {MAX_DRIVES}",
+                    self.drives.len()
+                ),
+            });
+        }
+        for drive in &self.drives {
+            if drive.kind == DriveKind::Disk && drive.path.is_none() {
+                return Err(ConfigError::Invalid {
+                    field: "drives.path",
+                    reason: "a disk needs an image file".into(),
+                });
+            }
+        }
+        if self.nics.len() > MAX_NICS {
+            return Err(ConfigError::Invalid {
+                field: "nics",
+                reason: format!("{} cards, at most {MAX_NICS}", self.nics.len()),
+            });
+        }
+        for nic in &self.nics {
+            if let Some(mac) = &nic.mac {
+                if parse_mac(mac).is_none() {
+                    return Err(ConfigError::Invalid {
+                        field: "nics.mac",
+                        reason: format!(
+                            "\"{mac}\" is not a unicast MAC address like 52:54:00:12:34:56"
+                        ),
+                    });
+                }
+            }
+            for fwd in &nic.forwards {
+                if fwd.protocol != "tcp" && fwd.protocol != "udp" {
+                    return Err(ConfigError::Invalid {
+                        field: "nics.forwards.protocol",
+                        reason: format!("\"{}\" is not tcp or udp", fwd.protocol),
+                    });
+                }
+                if fwd.host_address.parse::<std::net::IpAddr>().is_err() {
+                    return Err(ConfigError::Invalid {
+                        field: "nics.forwards.host_address",
+                        reason: format!("\"{}\" is not an IP address", fwd.host_address),
+                    });
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The MAC of card `index`: the configured one, or a locally administered address
+    /// derived from the VM's UUID (or name) and the index, stable across runs.
+    pub fn nic_mac(&self, index: usize) -> [u8; 6] {
+        if let Some(mac) = self.nics.get(index).and_then(|n| n.mac.as_deref()) {
+            if let Some(m) = parse_mac(mac) {
+                return m;
+            }
+        }
+        let seed = if self.uuid.is_empty() {
+            &self.name
+        } else {
+            &self.uuid
+        };
+        // FNV-1a: a stable hash (std's hasher is randomly keyed per process).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in seed.bytes().chain(std::iter::once(index as u8)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        let b = h.to_le_bytes();
+        [0x52, 0x54, 0x00, b[0], b[1], b[2]]
     }
 
     pub fn to_toml(&self) -> String {
@@ -250,6 +558,22 @@ impl VmConfig {
         };
         write_atomically(path, self.to_toml().as_bytes()).map_err(err)
     }
+}
+
+/// Parses "aa:bb:cc:dd:ee:ff" (or with '-'); refuses multicast addresses.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = text.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (mac[0] & 1 == 0).then_some(mac)
 }
 
 /// Replaces `path` with `data` so that a crash leaves either the old or the new file.
@@ -307,6 +631,50 @@ mod tests {
             serial: CharOutput::Stdio,
             debugcon: CharOutput::File("/tmp/d.txt".into()),
             nvram: Some("/n".into()),
+            description: "test VM".into(),
+            uuid: "6f1d2c5e-0000-4000-8000-000000000001".into(),
+            os: OsInfo {
+                family: "linux".into(),
+                version: "Debian 12".into(),
+            },
+            display: DisplayConfig {
+                vram_mib: 8,
+                vnc: Some(VncConfig {
+                    address: "0.0.0.0".into(),
+                    display: 3,
+                    password: Some("secret".into()),
+                }),
+            },
+            drives: vec![
+                DriveConfig {
+                    kind: DriveKind::Disk,
+                    path: Some("/d.qcow2".into()),
+                    read_only: false,
+                },
+                DriveConfig {
+                    kind: DriveKind::Cdrom,
+                    path: None,
+                    read_only: true,
+                },
+            ],
+            boot_order: BootOrder::CdOnce,
+            nics: vec![NicConfig {
+                model: NicModel::VirtioNet,
+                mac: Some("52:54:00:12:34:56".into()),
+                link_up: false,
+                backend: NetBackendConfig::Nat,
+                forwards: vec![PortForward {
+                    protocol: "tcp".into(),
+                    host_address: "127.0.0.1".into(),
+                    host_port: 2222,
+                    guest_port: 22,
+                }],
+                boot_file: Some("http://10.0.2.2/boot.ipxe".into()),
+            }],
+            input: InputConfig {
+                usb_tablet: true,
+                usb_keyboard: false,
+            },
         };
         let text = c.to_toml();
         assert_eq!(VmConfig::from_toml_str(&text, Path::new("x")).unwrap(), c);
@@ -355,6 +723,74 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("serial") || e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn bad_hardware_settings_name_the_field() {
+        let cases = [
+            ("[display]\nvram_mib = 5\n", "display.vram_mib"),
+            ("[display.vnc]\ndisplay = 200\n", "display.vnc.display"),
+            (
+                "[display.vnc]\ndisplay = 1\naddress = \"localhost:1\"\n",
+                "display.vnc.address",
+            ),
+            ("[[drives]]\nkind = \"disk\"\n", "drives.path"),
+            ("[[nics]]\nmac = \"01:00:00:00:00:01\"\n", "nics.mac"),
+            ("[[nics]]\nmac = \"52:54:00:1:2:3\"\n", "nics.mac"),
+            (
+                "[[nics]]\n[[nics.forwards]]\nprotocol = \"sctp\"\nhost_port = 1\nguest_port = 2\n",
+                "nics.forwards.protocol",
+            ),
+        ];
+        for (body, field) in cases {
+            let text = format!("name = \"a\"\n{body}");
+            match VmConfig::from_toml_str(&text, Path::new("f")) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        let e = VmConfig::from_toml_str(
+            "name = \"a\"\n[[nics]]\nmodel = \"ne2000\"\n",
+            Path::new("f"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ne2000") && e.contains("line"), "{e}");
+        let drives = "[[drives]]\nkind = \"cdrom\"\n".repeat(5);
+        let e = VmConfig::from_toml_str(&format!("name = \"a\"\n{drives}"), Path::new("f"));
+        assert!(matches!(
+            e,
+            Err(ConfigError::Invalid {
+                field: "drives",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn nic_mac_is_stable_unique_and_locally_administered() {
+        let mut c = VmConfig::default();
+        c.nics = vec![
+            NicConfig {
+                model: NicModel::E1000,
+                mac: None,
+                link_up: true,
+                backend: NetBackendConfig::Nat,
+                forwards: vec![],
+                boot_file: None,
+            };
+            2
+        ];
+        let a0 = c.nic_mac(0);
+        assert_eq!(a0, c.nic_mac(0));
+        assert_ne!(a0, c.nic_mac(1));
+        assert_eq!(a0[0] & 1, 0, "unicast");
+        assert_eq!(&a0[..3], &[0x52, 0x54, 0x00]);
+        let mut other = c.clone();
+        other.name = "other".into();
+        assert_ne!(other.nic_mac(0), a0);
+        c.nics[0].mac = Some("52:54:00:aa:bb:cc".into());
+        assert_eq!(c.nic_mac(0), [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //! Guest input is hostile: no register sequence may make a device panic or loop.
 #![forbid(unsafe_code)]
 
+pub mod block;
 pub mod bus;
 pub mod clock;
+pub mod display;
 pub mod irq;
 pub mod system;
+pub mod vram;
 
 pub mod debugcon;
 pub mod fw_cfg;
@@ -30,3 +33,7 @@ pub use bus::{Bus, BusDevice, BusError};
 pub use clock::{Clock, Timed};
 pub use irq::IrqLine;
 pub use system::SystemControl;
+
+/// Guest RAM as DMA-capable devices see it (bounds-checked reads and writes by guest
+/// physical address through `vm_memory::Bytes`).
+pub type GuestMemory = vm_memory::GuestMemoryMmap;

@@ -1,0 +1,2 @@
+//! GTK widgets for DeskVM that know nothing of KVM.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! Disk images for DeskVM: raw and qcow2.
+#![forbid(unsafe_code)]

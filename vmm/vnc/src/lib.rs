@@ -1,0 +1,2 @@
+//! An RFB (VNC) server for a VM's screen.
+#![forbid(unsafe_code)]
