@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::{CharOutput, LinuxBootConfig, VmConfig, VmHandle, VmState};
+use vmm::{
+    BootOrder, CharOutput, DriveConfig, DriveKind, LinuxBootConfig, NetBackendConfig, NicConfig,
+    NicModel, PortForward, VmConfig, VmHandle, VmState, VncConfig,
+};
 
 use crate::library;
 
@@ -61,6 +64,128 @@ pub struct RunArgs {
     /// Offer the firmware's boot menu (Esc).
     #[arg(long)]
     pub boot_menu: bool,
+    /// Serve the screen over VNC on port 5900+DISPLAY (loopback unless ADDR is given).
+    #[arg(long, value_name = "[ADDR:]DISPLAY", value_parser = parse_vnc)]
+    pub vnc: Option<VncConfig>,
+    /// Video memory of the Cirrus card in MiB (4, 8 or 16).
+    #[arg(long, value_name = "MIB")]
+    pub vram: Option<u32>,
+    /// A CD-ROM drive with this ISO image (replaces the configured CD-ROM drives).
+    #[arg(long, value_name = "ISO")]
+    pub cdrom: Option<PathBuf>,
+    /// A hard disk image (raw or qcow2); repeatable (replaces the configured disks).
+    #[arg(long, value_name = "IMAGE")]
+    pub disk: Vec<PathBuf>,
+    /// Boot order: disk first, CD first, or CD for this start only.
+    #[arg(long, value_name = "cd|disk|cd-once", value_parser = parse_boot)]
+    pub boot: Option<BootOrder>,
+    /// USB input devices: tablet, keyboard, both ("tablet,keyboard") or none.
+    #[arg(long, value_name = "tablet,keyboard|none")]
+    pub usb: Option<String>,
+    /// A network card: MODEL[,mac=MAC][,forward=tcp:HOSTADDR:PORT-GUESTPORT]... with MODEL
+    /// e1000, rtl8139 or virtio-net; repeatable; "none" for no network.
+    #[arg(long, value_name = "MODEL[,mac=..][,forward=..]", value_parser = parse_nic)]
+    pub nic: Vec<NicArg>,
+}
+
+/// One `--nic` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicArg {
+    None,
+    Card(NicConfig),
+}
+
+/// `[ADDR:]DISPLAY`, as QEMU's -vnc.
+pub fn parse_vnc(text: &str) -> Result<VncConfig, String> {
+    let (address, display) = match text.rsplit_once(':') {
+        Some((a, d)) => (a.trim_matches(['[', ']']).to_string(), d),
+        None => ("127.0.0.1".to_string(), text),
+    };
+    let display: u16 = display
+        .parse()
+        .map_err(|_| format!("\"{display}\" is not a display number (0 = port 5900)"))?;
+    let address = if address.is_empty() {
+        "0.0.0.0".to_string()
+    } else if address == "localhost" {
+        "127.0.0.1".to_string()
+    } else {
+        address
+    };
+    Ok(VncConfig {
+        address,
+        display,
+        password: None,
+    })
+}
+
+pub fn parse_boot(text: &str) -> Result<BootOrder, String> {
+    match text {
+        "cd" | "cdrom" => Ok(BootOrder::Cd),
+        "disk" | "hd" => Ok(BootOrder::Disk),
+        "cd-once" => Ok(BootOrder::CdOnce),
+        _ => Err(format!("\"{text}\" is not cd, disk or cd-once")),
+    }
+}
+
+/// `MODEL[,mac=..][,forward=PROTO:HOSTADDR:PORT-GUESTPORT]...` or `none`.
+pub fn parse_nic(text: &str) -> Result<NicArg, String> {
+    let mut parts = text.split(',');
+    let model = match parts.next().unwrap_or_default() {
+        "none" => return Ok(NicArg::None),
+        "e1000" => NicModel::E1000,
+        "rtl8139" => NicModel::Rtl8139,
+        "virtio-net" | "virtio" => NicModel::VirtioNet,
+        other => {
+            return Err(format!(
+                "\"{other}\" is not a card model (e1000, rtl8139, virtio-net or none)"
+            ))
+        }
+    };
+    let mut nic = NicConfig {
+        model,
+        mac: None,
+        link_up: true,
+        backend: NetBackendConfig::Nat,
+        forwards: Vec::new(),
+        boot_file: None,
+    };
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("\"{part}\" is not KEY=VALUE"))?;
+        match key {
+            "mac" => {
+                if vmm::config::parse_mac(value).is_none() {
+                    return Err(format!("\"{value}\" is not a unicast MAC address"));
+                }
+                nic.mac = Some(value.to_string());
+            }
+            "forward" => nic.forwards.push(parse_forward(value)?),
+            "bootfile" => nic.boot_file = Some(value.to_string()),
+            "tap" => nic.backend = NetBackendConfig::Tap { name: value.into() },
+            _ => return Err(format!("unknown NIC option \"{key}\"")),
+        }
+    }
+    Ok(NicArg::Card(nic))
+}
+
+/// `tcp:127.0.0.1:2222-22` (address optional: `tcp::2222-22`, `tcp:2222-22`).
+fn parse_forward(text: &str) -> Result<PortForward, String> {
+    let bad =
+        || format!("\"{text}\" is not PROTO:[HOSTADDR]:PORT-GUESTPORT (tcp:127.0.0.1:2222-22)");
+    let (protocol, rest) = text.split_once(':').ok_or_else(bad)?;
+    let (host, guest_port) = rest.rsplit_once('-').ok_or_else(bad)?;
+    let (host_address, host_port) = match host.rsplit_once(':') {
+        Some((a, p)) if !a.is_empty() => (a.to_string(), p),
+        Some((_, p)) => ("127.0.0.1".to_string(), p),
+        None => ("127.0.0.1".to_string(), host),
+    };
+    Ok(PortForward {
+        protocol: protocol.to_string(),
+        host_address,
+        host_port: host_port.parse().map_err(|_| bad())?,
+        guest_port: guest_port.parse().map_err(|_| bad())?,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +198,8 @@ pub enum CliError {
     Engine(#[from] vmm::VmmError),
     #[error("the VM failed: {0}")]
     Failed(String),
+    #[error("{0}")]
+    Usage(String),
     #[error("cannot install the Ctrl+C handler: {0}")]
     Signals(std::io::Error),
 }
@@ -115,6 +242,62 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
     }
     if let Some(d) = &args.debugcon {
         config.debugcon = d.clone();
+    }
+    if let Some(v) = &args.vnc {
+        config.display.vnc = Some(v.clone());
+    }
+    if let Some(v) = args.vram {
+        config.display.vram_mib = v;
+    }
+    if !args.disk.is_empty() {
+        config.drives.retain(|d| d.kind != DriveKind::Disk);
+        for (i, path) in args.disk.iter().enumerate() {
+            config.drives.insert(
+                i,
+                DriveConfig {
+                    kind: DriveKind::Disk,
+                    path: Some(path.clone()),
+                    read_only: false,
+                },
+            );
+        }
+    }
+    if let Some(iso) = &args.cdrom {
+        config.drives.retain(|d| d.kind != DriveKind::Cdrom);
+        config.drives.push(DriveConfig {
+            kind: DriveKind::Cdrom,
+            path: Some(iso.clone()),
+            read_only: true,
+        });
+    }
+    if let Some(b) = args.boot {
+        config.boot_order = b;
+    }
+    if let Some(usb) = &args.usb {
+        config.input.usb_tablet = false;
+        config.input.usb_keyboard = false;
+        for dev in usb.split(',').filter(|d| !d.is_empty()) {
+            match dev {
+                "tablet" => config.input.usb_tablet = true,
+                "keyboard" => config.input.usb_keyboard = true,
+                "none" => {}
+                other => {
+                    return Err(CliError::Usage(format!(
+                        "--usb: \"{other}\" is not tablet, keyboard or none"
+                    )))
+                }
+            }
+        }
+    }
+    if !args.nic.is_empty() {
+        config.nics = args
+            .nic
+            .iter()
+            .filter_map(|n| match n {
+                NicArg::None => None,
+                NicArg::Card(c) => Some(c.clone()),
+            })
+            .collect();
     }
     config.validate()?;
     Ok(config)
@@ -165,6 +348,71 @@ pub fn list() -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hardware_quick_options() {
+        let cli = Cli::try_parse_from([
+            "deskvm",
+            "run",
+            "--vnc",
+            ":3",
+            "--cdrom",
+            "/isos/grub.iso",
+            "--disk",
+            "/d/a.qcow2",
+            "--disk",
+            "/d/b.img",
+            "--boot",
+            "cd-once",
+            "--usb",
+            "tablet,keyboard",
+            "--nic",
+            "e1000,mac=52:54:00:01:02:03,forward=tcp:127.0.0.1:2222-22",
+            "--nic",
+            "virtio-net,forward=udp::5353-53",
+        ])
+        .unwrap();
+        let Some(Command::Run(a)) = cli.command else {
+            panic!("not run")
+        };
+        let c = run_config(&a).unwrap();
+        let vnc = c.display.vnc.clone().unwrap();
+        assert_eq!((vnc.address.as_str(), vnc.port()), ("0.0.0.0", 5903));
+        assert_eq!(c.drives.len(), 3);
+        assert_eq!(c.drives[1].path.as_deref(), Some("/d/b.img".as_ref()));
+        assert_eq!(c.drives[2].kind, DriveKind::Cdrom);
+        assert_eq!(c.boot_order, BootOrder::CdOnce);
+        assert!(c.input.usb_tablet && c.input.usb_keyboard);
+        assert_eq!(c.nics.len(), 2);
+        assert_eq!(c.nics[0].forwards[0].host_port, 2222);
+        assert_eq!(c.nics[0].forwards[0].guest_port, 22);
+        assert_eq!(c.nics[1].model, NicModel::VirtioNet);
+        assert_eq!(c.nics[1].forwards[0].protocol, "udp");
+        assert_eq!(c.nics[1].forwards[0].host_address, "127.0.0.1");
+
+        assert_eq!(parse_vnc("5").unwrap().address, "127.0.0.1");
+        assert_eq!(parse_vnc("192.168.1.2:1").unwrap().port(), 5901);
+        assert!(parse_vnc("x").is_err());
+        assert!(parse_boot("floppy").is_err());
+        assert!(parse_nic("ne2k").unwrap_err().contains("ne2k"));
+        assert!(parse_nic("e1000,mac=01:00:00:00:00:00").is_err());
+        assert!(parse_nic("e1000,forward=tcp:22").is_err());
+        assert!(parse_nic("e1000,speed=10").is_err());
+        assert_eq!(parse_nic("none").unwrap(), NicArg::None);
+        let none = run_config(&RunArgs {
+            nic: vec![NicArg::None],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(none.nics.is_empty());
+        let e = run_config(&RunArgs {
+            usb: Some("mouse".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("mouse"), "{e}");
+    }
 
     #[test]
     fn quick_options_override_the_file() {

@@ -769,18 +769,20 @@ mod tests {
 
     #[test]
     fn nic_mac_is_stable_unique_and_locally_administered() {
-        let mut c = VmConfig::default();
-        c.nics = vec![
-            NicConfig {
-                model: NicModel::E1000,
-                mac: None,
-                link_up: true,
-                backend: NetBackendConfig::Nat,
-                forwards: vec![],
-                boot_file: None,
-            };
-            2
-        ];
+        let mut c = VmConfig {
+            nics: vec![
+                NicConfig {
+                    model: NicModel::E1000,
+                    mac: None,
+                    link_up: true,
+                    backend: NetBackendConfig::Nat,
+                    forwards: vec![],
+                    boot_file: None,
+                };
+                2
+            ],
+            ..VmConfig::default()
+        };
         let a0 = c.nic_mac(0);
         assert_eq!(a0, c.nic_mac(0));
         assert_ne!(a0, c.nic_mac(1));

@@ -63,6 +63,11 @@ pub enum VmmError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write the screenshot {path}: {source}")]
+    Screenshot {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl VmmError {

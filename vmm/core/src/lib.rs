@@ -6,6 +6,7 @@
 //! `vmm-devices` and see only offsets.
 
 pub mod config;
+pub mod display;
 pub mod error;
 pub mod firmware;
 pub mod layout;
@@ -15,8 +16,15 @@ pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{CharOutput, ConfigError, FirmwareConfig, LinuxBootConfig, VmConfig};
+pub use config::{
+    BootOrder, CharOutput, ConfigError, DisplayConfig, DriveConfig, DriveKind, FirmwareConfig,
+    InputConfig, LinuxBootConfig, NetBackendConfig, NicConfig, NicModel, OsInfo, PortForward,
+    VmConfig, VncConfig,
+};
+pub use display::{CopyRect, CursorState, DisplayHandle, Frame, Rect};
 pub use error::VmmError;
 pub use machine::EngineOptions;
 pub use vcpu::ExitStats;
-pub use vm::{Event, InputHandle, InputRoute, VcpuStats, VmHandle, VmState, VmStats};
+pub use vm::{
+    DiskStats, Event, InputHandle, InputRoute, NicStats, VcpuStats, VmHandle, VmState, VmStats,
+};

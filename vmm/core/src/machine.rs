@@ -11,6 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_devices::clock::{Clock, HostClock};
 use vmm_devices::debugcon::DebugCon;
+use vmm_devices::display::DisplayDevice;
 use vmm_devices::fw_cfg::{self, FwCfg};
 use vmm_devices::i440fx::I440fxHostBridge;
 use vmm_devices::i8042::I8042;
@@ -19,6 +20,7 @@ use vmm_devices::piix3::{PciIrqRouter, Piix3IsaBridge};
 use vmm_devices::reset::{ResetControl, SystemPortA};
 use vmm_devices::rtc::{Rtc, RtcState};
 use vmm_devices::serial::{Serial, SerialOutput};
+use vmm_devices::vram::DirtyPages;
 use vmm_devices::{Bus, BusDevice, IrqLine, SystemControl};
 
 use crate::config::{CharOutput, VmConfig};
@@ -156,6 +158,8 @@ pub struct Machine {
     pub irq_lines: Vec<Arc<KvmIrqLine>>,
     pub interrupt_counts: Arc<InterruptCounts>,
     pub clock: Arc<dyn Clock>,
+    /// The display card the frame pipeline refreshes.
+    pub display: Option<Arc<Mutex<dyn DisplayDevice>>>,
     initial_irqchips: Vec<kvm_irqchip>,
     initial_pit: kvm_pit_state2,
     // Kept so their devices stay alive with the machine.
@@ -396,6 +400,7 @@ impl Machine {
             irq_lines,
             interrupt_counts,
             clock,
+            display: None,
             initial_irqchips,
             initial_pit,
             _resettables: vec![reset_control, port_a],
@@ -427,6 +432,12 @@ impl Machine {
         // A reset boots the kernel again from a fresh copy.
         load_configured_kernel(&self.config, self.memory.ram())?;
         Ok(())
+    }
+
+    /// VRAM pages the guest wrote through the linear framebuffer since the last call
+    /// (KVM's dirty log), when the framebuffer is mapped as a memory slot.
+    pub fn display_guest_dirty(&self) -> Option<DirtyPages> {
+        None
     }
 
     /// Writes the CMOS NVRAM (and guest clock offset) where the config keeps it.

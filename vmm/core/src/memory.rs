@@ -53,6 +53,28 @@ impl GuestRam {
         })
     }
 
+    /// Bytes of guest RAM the host has backed with real memory so far (pages the guest
+    /// or a device touched), from `mincore`.
+    pub fn resident_bytes(&self) -> u64 {
+        use vm_memory::GuestMemoryRegion;
+        let page = 4096usize;
+        let mut resident = 0u64;
+        for region in self.mem.iter() {
+            let len = region.len() as usize;
+            let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+                continue;
+            };
+            let mut vec = vec![0u8; len.div_ceil(page)];
+            // SAFETY: `host..host + len` is this region's live anonymous mapping (page
+            // aligned, owned by `self.mem`), and `vec` has one byte per page of it.
+            let rc = unsafe { libc::mincore(host as *mut libc::c_void, len, vec.as_mut_ptr()) };
+            if rc == 0 {
+                resident += vec.iter().filter(|b| *b & 1 != 0).count() as u64 * page as u64;
+            }
+        }
+        resident
+    }
+
     pub fn below_4g(&self) -> u64 {
         self.below_4g
     }

@@ -17,8 +17,10 @@ use vmm_devices::{SystemControl, Timed};
 use vmm_sys_util::signal::Killable;
 
 use crate::config::VmConfig;
+use crate::display::{DisplayHandle, DisplayShared, REFRESH_INTERVAL};
 use crate::error::{Result, VmmError};
 use crate::machine::{lock, EngineOptions, InterruptCounts, Machine};
+use crate::memory::GuestRam;
 use crate::vcpu::{
     install_kick_handler, kick_signal, ExitCounters, ExitStats, RunControl, VcpuCommand,
     VcpuObserver, VcpuRunner,
@@ -50,6 +52,11 @@ impl std::fmt::Display for VmState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     StateChanged(VmState),
+    /// The guest screen changed size.
+    DisplayResized {
+        width: u32,
+        height: u32,
+    },
     /// The guest reset the machine (or triple-faulted).
     GuestReset,
     Error(String),
@@ -62,6 +69,28 @@ pub struct VcpuStats {
     pub exits: ExitStats,
 }
 
+/// I/O of one drive, cumulative.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DiskStats {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
+    pub flushes: u64,
+}
+
+/// Traffic of one network card, cumulative.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NicStats {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
+    pub link_up: bool,
+}
+
 /// Cumulative counters; the UI computes rates from two snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct VmStats {
@@ -71,6 +100,13 @@ pub struct VmStats {
     /// Interrupt edges raised per GSI (ISA IRQs 0..16, PCI above).
     pub interrupts: Vec<u64>,
     pub resets: u64,
+    /// Guest RAM size and how much of it the host has actually backed with memory.
+    pub memory_bytes: u64,
+    pub memory_resident_bytes: u64,
+    /// Frames the display pipeline composed (refreshes that changed pixels).
+    pub display_frames: u64,
+    pub disks: Vec<DiskStats>,
+    pub nics: Vec<NicStats>,
 }
 
 impl VmStats {
@@ -101,6 +137,9 @@ struct Shared {
     interrupts: Mutex<Arc<InterruptCounts>>,
     started_at: Mutex<Option<Instant>>,
     resets: Mutex<u64>,
+    display: Arc<DisplayShared>,
+    ram: Mutex<Option<GuestRam>>,
+    memory_bytes: u64,
 }
 
 impl Shared {
@@ -239,6 +278,9 @@ impl VmHandle {
             interrupts: Mutex::new(Arc::new(Vec::new())),
             started_at: Mutex::new(None),
             resets: Mutex::new(0),
+            display: DisplayShared::new(),
+            ram: Mutex::new(None),
+            memory_bytes: config.memory_mib << 20,
         });
         // Build once now so that configuration and host problems surface here.
         let machine = build_machine(&config, &options, &signals)?;
@@ -251,6 +293,7 @@ impl VmHandle {
             machine: Some(machine),
             control: RunControl::new(),
             threads: Vec::new(),
+            next_refresh_ns: 0,
         };
         let thread = std::thread::Builder::new()
             .name("vmm-engine".into())
@@ -300,6 +343,13 @@ impl VmHandle {
         rx
     }
 
+    /// The guest's screen.
+    pub fn display(&self) -> DisplayHandle {
+        DisplayHandle {
+            shared: self.shared.display.clone(),
+        }
+    }
+
     pub fn input(&self) -> InputHandle {
         InputHandle {
             shared: self.shared.clone(),
@@ -330,6 +380,14 @@ impl VmHandle {
                 .map(|c| c.load(Ordering::Relaxed))
                 .collect(),
             resets: *lock(&self.shared.resets),
+            memory_bytes: self.shared.memory_bytes,
+            memory_resident_bytes: lock(&self.shared.ram)
+                .as_ref()
+                .map(|r| r.resident_bytes())
+                .unwrap_or(0),
+            display_frames: self.display().frames(),
+            disks: Vec::new(),
+            nics: Vec::new(),
         }
     }
 
@@ -391,6 +449,8 @@ struct Engine {
     machine: Option<Machine>,
     control: Arc<RunControl>,
     threads: Vec<JoinHandle<()>>,
+    /// When the screen is refreshed next (engine clock).
+    next_refresh_ns: u64,
 }
 
 impl Engine {
@@ -508,6 +568,8 @@ impl Engine {
         *lock(&self.shared.vcpu_tids) = tids;
         *lock(&self.shared.started_at) = Some(Instant::now());
         *lock(&self.shared.resets) = 0;
+        *lock(&self.shared.ram) = Some(machine.memory.ram().clone());
+        self.next_refresh_ns = machine.clock.monotonic_ns();
         self.machine = Some(machine);
         self.control.set_command(VcpuCommand::Run);
         self.shared.set_state(VmState::Running);
@@ -601,10 +663,15 @@ impl Engine {
             return IDLE;
         };
         let now = m.clock.monotonic_ns();
-        match lock(&m.rtc).next_deadline_ns() {
-            Some(d) => Duration::from_nanos(d.saturating_sub(now)).min(IDLE),
-            None => IDLE,
+        let mut deadlines = vec![lock(&m.rtc).next_deadline_ns()];
+        if m.display.is_some() && self.state() == VmState::Running {
+            deadlines.push(Some(self.next_refresh_ns));
         }
+        deadlines
+            .into_iter()
+            .flatten()
+            .map(|d| Duration::from_nanos(d.saturating_sub(now)))
+            .fold(IDLE, Duration::min)
     }
 
     fn run_timers(&mut self) {
@@ -612,9 +679,33 @@ impl Engine {
             return;
         };
         let now = m.clock.monotonic_ns();
-        let mut rtc = lock(&m.rtc);
-        if rtc.next_deadline_ns().is_some_and(|d| d <= now) {
-            rtc.on_timer(now);
+        {
+            let mut rtc = lock(&m.rtc);
+            if rtc.next_deadline_ns().is_some_and(|d| d <= now) {
+                rtc.on_timer(now);
+            }
+        }
+        if let Some(display) = &m.display {
+            if self.next_refresh_ns <= now && self.state() == VmState::Running {
+                let handle = DisplayHandle {
+                    shared: self.shared.display.clone(),
+                };
+                let before = handle.size();
+                let guest_dirty = m.display_guest_dirty();
+                self.shared
+                    .display
+                    .refresh(display.as_ref(), guest_dirty.as_ref());
+                let after = handle.size();
+                if after != before {
+                    self.shared.emit(Event::DisplayResized {
+                        width: after.0,
+                        height: after.1,
+                    });
+                }
+                let interval = REFRESH_INTERVAL.as_nanos() as u64;
+                // Skip missed ticks instead of refreshing several times in a row.
+                self.next_refresh_ns = now - (now - self.next_refresh_ns) % interval + interval;
+            }
         }
     }
 }

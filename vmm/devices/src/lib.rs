@@ -11,20 +11,32 @@ pub mod bus;
 pub mod clock;
 pub mod display;
 pub mod irq;
+pub mod net;
 pub mod system;
 pub mod vram;
 
+pub mod ata;
+pub mod atapi;
+pub mod cirrus;
+pub mod cirrus_blit;
 pub mod debugcon;
+pub mod e1000;
 pub mod fw_cfg;
 pub mod i440fx;
 pub mod i8042;
+pub mod ide;
 pub mod pci;
 pub mod piix3;
 pub mod ps2_keyboard;
 pub mod ps2_mouse;
 pub mod reset;
 pub mod rtc;
+pub mod rtl8139;
 pub mod serial;
+pub mod uhci;
+pub mod usb;
+pub mod usb_hid;
+pub mod vga;
 
 #[cfg(test)]
 pub(crate) mod test_support;

@@ -941,15 +941,29 @@ impl BusDevice for PciRoot {
     }
 }
 
+/// Called after every guest write into a function's BARs (e.g. to re-arm the engine's
+/// timer when a controller starts or stops).
+pub type AfterWriteHook = Arc<dyn Fn() + Send + Sync>;
+
 /// Routes a mapped BAR's bus accesses to its function with BAR-relative offsets.
 pub struct PciBarDevice {
     function: SharedPciFunction,
     bar: usize,
+    after_write: Option<AfterWriteHook>,
 }
 
 impl PciBarDevice {
     pub fn new(function: SharedPciFunction, bar: usize) -> Self {
-        Self { function, bar }
+        Self {
+            function,
+            bar,
+            after_write: None,
+        }
+    }
+
+    pub fn with_after_write(mut self, hook: Option<AfterWriteHook>) -> Self {
+        self.after_write = hook;
+        self
     }
 }
 
@@ -960,12 +974,28 @@ impl BusDevice for PciBarDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         lock(&self.function).bar_write(self.bar, offset, data);
+        if let Some(hook) = &self.after_write {
+            hook();
+        }
     }
+}
+
+/// A BAR the engine maps itself (a framebuffer as a KVM memory slot) instead of trapping
+/// every access on a bus.
+pub trait DirectBar: Send + Sync {
+    /// The BAR now decodes `region`; returns false to fall back to a trapped bus mapping.
+    fn map(&self, region: BarRegion) -> bool;
+    /// The BAR no longer decodes `region` (only called after `map` returned true).
+    fn unmap(&self, region: BarRegion);
 }
 
 #[derive(Default)]
 struct BusBarMapperState {
     functions: BTreeMap<(u8, u8), SharedPciFunction>,
+    hooks: BTreeMap<(u8, u8), AfterWriteHook>,
+    direct: BTreeMap<(u8, u8, usize), Arc<dyn DirectBar>>,
+    /// Regions mapped by a [`DirectBar`].
+    direct_mapped: Vec<BarRegion>,
     /// Regions actually inserted on a bus (an insertion can fail on overlap).
     inserted: Vec<BarRegion>,
 }
@@ -1000,6 +1030,18 @@ impl BusBarMapper {
     pub fn mapped(&self) -> Vec<BarRegion> {
         lock(&self.state).inserted.clone()
     }
+
+    /// Calls `hook` after every guest write into the BARs of 00:`device`.`function`.
+    pub fn set_after_write(&self, device: u8, function: u8, hook: AfterWriteHook) {
+        lock(&self.state).hooks.insert((device, function), hook);
+    }
+
+    /// Lets `handler` map BAR `bar` of 00:`device`.`function` itself.
+    pub fn set_direct(&self, device: u8, function: u8, bar: usize, handler: Arc<dyn DirectBar>) {
+        lock(&self.state)
+            .direct
+            .insert((device, function, bar), handler);
+    }
 }
 
 impl BarMapper for BusBarMapper {
@@ -1017,7 +1059,20 @@ impl BarMapper for BusBarMapper {
             );
             return;
         };
-        let device = Arc::new(Mutex::new(PciBarDevice::new(function, region.bar)));
+        if let Some(direct) = state
+            .direct
+            .get(&(region.device, region.function, region.bar))
+            .cloned()
+        {
+            if direct.map(region) {
+                state.direct_mapped.push(region);
+                return;
+            }
+        }
+        let hook = state.hooks.get(&(region.device, region.function)).cloned();
+        let device = Arc::new(Mutex::new(
+            PciBarDevice::new(function, region.bar).with_after_write(hook),
+        ));
         match self
             .bus(region.kind)
             .insert(region.base, region.size, device)
@@ -1034,6 +1089,17 @@ impl BarMapper for BusBarMapper {
 
     fn unmap(&self, region: BarRegion) {
         let mut state = lock(&self.state);
+        if let Some(pos) = state.direct_mapped.iter().position(|r| *r == region) {
+            state.direct_mapped.swap_remove(pos);
+            if let Some(direct) = state
+                .direct
+                .get(&(region.device, region.function, region.bar))
+                .cloned()
+            {
+                direct.unmap(region);
+            }
+            return;
+        }
         if let Some(pos) = state.inserted.iter().position(|r| *r == region) {
             state.inserted.swap_remove(pos);
             if let Err(e) = self.bus(region.kind).remove(region.base) {

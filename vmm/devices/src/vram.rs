@@ -98,7 +98,7 @@ impl DirtyPages {
     }
 
     fn clear_tail(&mut self) {
-        if self.pages % 64 != 0 {
+        if !self.pages.is_multiple_of(64) {
             if let Some(last) = self.bits.last_mut() {
                 *last &= (1u64 << (self.pages % 64)) - 1;
             }
@@ -116,7 +116,7 @@ pub struct Vram {
 impl Vram {
     /// Allocates `len` bytes (a multiple of 4 KiB), zero-filled.
     pub fn new(len: usize) -> Result<Self, VramError> {
-        if len == 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(VramError::BadSize(len));
         }
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| {
