@@ -63,6 +63,10 @@ pub enum VmmError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("disk image {path}: {reason}")]
+    Disk { path: PathBuf, reason: String },
+    #[error("the VNC server cannot start: {0}")]
+    Vnc(String),
     #[error("cannot write the screenshot {path}: {source}")]
     Screenshot {
         path: PathBuf,

@@ -11,6 +11,28 @@ pub const BIOS_SEARCH_PATH: &[&str] = &[
     "/usr/share/seabios/bios-256k.bin",
 ];
 
+/// Where Debian installs SeaBIOS's VGA BIOS for the Cirrus card.
+pub const CIRRUS_VGABIOS_SEARCH_PATH: &[&str] = &[
+    "/usr/share/seabios/vgabios-cirrus.bin",
+    "/usr/share/qemu/vgabios-cirrus.bin",
+];
+
+/// The Cirrus VGA BIOS (the card's option ROM), from the seabios package.
+pub fn load_cirrus_vgabios() -> Result<Vec<u8>> {
+    let path = CIRRUS_VGABIOS_SEARCH_PATH
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or_else(|| VmmError::FirmwareNotFound {
+            searched: CIRRUS_VGABIOS_SEARCH_PATH.join(", "),
+        })?;
+    std::fs::read(&path).map_err(|source| VmmError::ReadFile {
+        what: "VGA BIOS",
+        path,
+        source,
+    })
+}
+
 /// The firmware file to use: the configured one, or the first found in the search path.
 pub fn locate_bios(configured: Option<&Path>) -> Result<PathBuf> {
     if let Some(path) = configured {

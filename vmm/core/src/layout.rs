@@ -64,6 +64,13 @@ pub const FW_CFG_PORT_LEN: u64 = 12;
 /// control register, forwarded by the PCI port device.
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 pub const PCI_CONFIG_PORT_LEN: u64 = 8;
+/// VGA registers (0x3b0..0x3e0: MDA/CGA CRTC aliases, attribute, sequencer, DAC, GC).
+pub const VGA_PORT: u16 = 0x3b0;
+pub const VGA_PORT_LEN: u64 = 0x30;
+/// IDE channels: command block (8 ports) and control block (1 port) per channel.
+pub const IDE_COMMAND_PORTS: [u16; 2] = [0x1f0, 0x170];
+pub const IDE_CONTROL_PORTS: [u16; 2] = [0x3f6, 0x376];
+pub const IDE_COMMAND_PORT_LEN: u64 = 8;
 
 // ---- ISA interrupts (GSIs of KVM's in-kernel PIC/IOAPIC) -------------------------------
 
@@ -71,6 +78,8 @@ pub const KEYBOARD_IRQ: u32 = 1;
 pub const COM1_IRQ: u32 = 4;
 pub const RTC_IRQ: u32 = 8;
 pub const MOUSE_IRQ: u32 = 12;
+/// Legacy-mode IDE channels.
+pub const IDE_IRQS: [u32; 2] = [14, 15];
 pub const ISA_IRQ_COUNT: u32 = 16;
 /// Inputs of KVM's in-kernel IOAPIC.
 pub const GSI_COUNT: u32 = 24;
@@ -79,6 +88,16 @@ pub const GSI_COUNT: u32 = 24;
 
 pub const PCI_HOST_BRIDGE_SLOT: (u8, u8) = (0, 0);
 pub const PCI_ISA_BRIDGE_SLOT: (u8, u8) = (1, 0);
+pub const PCI_IDE_SLOT: (u8, u8) = (1, 1);
+pub const PCI_UHCI_SLOT: (u8, u8) = (1, 2);
+/// The PIIX3's UHCI interrupt pin (INTD#).
+pub const PCI_UHCI_PIN: u8 = 4;
+pub const PCI_VGA_SLOT: (u8, u8) = (2, 0);
+/// Network cards take slots 3, 4, ... in configuration order.
+pub const PCI_NIC_FIRST_SLOT: u8 = 3;
+/// Root ports of the UHCI controller the USB tablet and keyboard are plugged into.
+pub const USB_TABLET_PORT: usize = 0;
+pub const USB_KEYBOARD_PORT: usize = 1;
 
 // ---- fw_cfg identities ---------------------------------------------------------------
 

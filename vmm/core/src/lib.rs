@@ -13,8 +13,11 @@ pub mod layout;
 pub mod linux_boot;
 pub mod machine;
 pub mod memory;
+pub mod net;
+pub mod storage;
 pub mod vcpu;
 pub mod vm;
+pub mod vnc;
 
 pub use config::{
     BootOrder, CharOutput, ConfigError, DisplayConfig, DriveConfig, DriveKind, FirmwareConfig,

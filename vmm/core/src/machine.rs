@@ -10,7 +10,13 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_devices::clock::{Clock, HostClock};
+use vmm_devices::cirrus::{CirrusPorts, CirrusVga, CirrusWindow, BAR_LINEAR};
 use vmm_devices::debugcon::DebugCon;
+use vmm_devices::ide::{Drive, PiixIde};
+use vmm_devices::pci::{BarRegion, DirectBar, PciBarDevice, SharedPciFunction};
+use vmm_devices::uhci::Uhci;
+use vmm_devices::usb_hid::{HidInput, UsbHid};
+use vmm_devices::vram::Vram;
 use vmm_devices::display::DisplayDevice;
 use vmm_devices::fw_cfg::{self, FwCfg};
 use vmm_devices::i440fx::I440fxHostBridge;
@@ -21,13 +27,16 @@ use vmm_devices::reset::{ResetControl, SystemPortA};
 use vmm_devices::rtc::{Rtc, RtcState};
 use vmm_devices::serial::{Serial, SerialOutput};
 use vmm_devices::vram::DirtyPages;
-use vmm_devices::{Bus, BusDevice, IrqLine, SystemControl};
+use vmm_devices::{Bus, BusDevice, IrqLine, SystemControl, Timed};
 
-use crate::config::{CharOutput, VmConfig};
+use crate::config::{BootOrder, CharOutput, DriveKind, VmConfig};
 use crate::error::{Result, VmmError};
 use crate::layout::*;
 use crate::linux_boot::{load_linux, LinuxEntry};
-use crate::memory::{host_memory_bytes, BiosShadowWindow, FirmwareRom, GuestRam, MemoryMap};
+use crate::memory::{
+    host_memory_bytes, BiosShadowWindow, FirmwareRom, FramebufferSlot, GuestRam, MemoryMap,
+};
+use crate::storage::{ide_boot_path, ide_position, open_drive};
 use crate::vcpu::{cpuid_for, ResetState};
 
 /// Engine options that are not part of a VM's configuration.
@@ -160,6 +169,16 @@ pub struct Machine {
     pub clock: Arc<dyn Clock>,
     /// The display card the frame pipeline refreshes.
     pub display: Option<Arc<Mutex<dyn DisplayDevice>>>,
+    pub cirrus: Arc<Mutex<CirrusVga>>,
+    pub linear_bar: Arc<CirrusLinearBar>,
+    pub ide: Arc<Mutex<PiixIde>>,
+    pub uhci: Arc<Mutex<Uhci>>,
+    pub tablet: Option<HidInput>,
+    pub usb_keyboard: Option<HidInput>,
+    /// Devices with timers the engine thread runs (besides the RTC).
+    pub timed: Vec<Arc<Mutex<dyn Timed>>>,
+    /// The boot order to switch to after the first reset ("CD once").
+    pub boot_order_after_reset: Option<Vec<String>>,
     initial_irqchips: Vec<kvm_irqchip>,
     initial_pit: kvm_pit_state2,
     // Kept so their devices stay alive with the machine.
@@ -289,7 +308,7 @@ impl Machine {
             RTC_PORT_LEN,
             Arc::new(Mutex::new(RtcPorts {
                 rtc: rtc.clone(),
-                notify: timer_notify,
+                notify: timer_notify.clone(),
             })),
         )?;
 
@@ -315,7 +334,8 @@ impl Machine {
         let fw_err = |e: fw_cfg::FwCfgError| VmmError::Device(format!("fw_cfg: {e}"));
         cfg.add_file("etc/e820", fw_cfg::e820_file_bytes(&ram.e820()))
             .map_err(fw_err)?;
-        cfg.add_file("bootorder", fw_cfg::bootorder_bytes(&[]))
+        let (boot_order, boot_order_after_reset) = boot_orders(config);
+        cfg.add_file("bootorder", fw_cfg::bootorder_bytes(&boot_order))
             .map_err(fw_err)?;
         cfg.set_boot_menu(
             config.firmware.boot_menu,
@@ -326,7 +346,7 @@ impl Machine {
 
         // PCI bus 0: host bridge and ISA bridge; 0xcf9 is the reset control register.
         let mapper = Arc::new(BusBarMapper::new(pio.clone(), mmio.clone()));
-        let mut pci = PciRoot::new(mapper);
+        let mut pci = PciRoot::new(mapper.clone());
         let reset_control = Arc::new(Mutex::new(ResetControl::new(system.clone())));
         pci.set_port_cf9_handler(reset_control.clone());
         let pci_err = |e: vmm_devices::pci::PciError| VmmError::Device(e.to_string());
@@ -338,6 +358,105 @@ impl Machine {
         let isa_bridge = Arc::new(Mutex::new(Piix3IsaBridge::new(router.clone())));
         pci.add(PCI_ISA_BRIDGE_SLOT.0, PCI_ISA_BRIDGE_SLOT.1, isa_bridge)
             .map_err(pci_err)?;
+        // IDE on 00:01.1 in legacy mode: fixed ports and ISA IRQs 14/15.
+        let ide = PiixIde::new(ram.mem.clone(), irq(IDE_IRQS[0]), irq(IDE_IRQS[1]));
+        for channel in 0..2 {
+            pio.insert(
+                IDE_COMMAND_PORTS[channel] as u64,
+                IDE_COMMAND_PORT_LEN,
+                ide.command_block(channel),
+            )?;
+            pio.insert(IDE_CONTROL_PORTS[channel] as u64, 1, ide.control_block(channel))?;
+        }
+        for (index, drive) in config.drives.iter().enumerate() {
+            let (channel, unit) = ide_position(index);
+            let backend = open_drive(drive)?;
+            let device = match drive.kind {
+                DriveKind::Disk => match backend {
+                    Some(b) => Drive::Disk(Box::new(b)),
+                    None => continue,
+                },
+                DriveKind::Cdrom => Drive::Cdrom(
+                    backend.map(|b| Box::new(b) as Box<dyn vmm_devices::block::BlockBackend>),
+                ),
+            };
+            ide.attach(channel, unit, device)
+                .map_err(|e| VmmError::Device(format!("IDE drive {index}: {e}")))?;
+        }
+        let ide = Arc::new(Mutex::new(ide));
+        pci.add(PCI_IDE_SLOT.0, PCI_IDE_SLOT.1, ide.clone())
+            .map_err(pci_err)?;
+
+        // UHCI on 00:01.2 with the configured USB input devices.
+        let mut timed: Vec<Arc<Mutex<dyn Timed>>> = Vec::new();
+        let mut uhci = Uhci::new(
+            router.intx_line(PCI_UHCI_SLOT.0, PCI_UHCI_PIN),
+            clock.clone(),
+            ram.mem.clone(),
+        );
+        let usb_err = |e: vmm_devices::usb::UsbError| VmmError::Device(format!("USB: {e}"));
+        let tablet = if config.input.usb_tablet {
+            let device = UsbHid::tablet();
+            let input = device.input();
+            uhci.attach(USB_TABLET_PORT, Box::new(device))
+                .map_err(usb_err)?;
+            Some(input)
+        } else {
+            None
+        };
+        let usb_keyboard = if config.input.usb_keyboard {
+            let device = UsbHid::keyboard();
+            let input = device.input();
+            uhci.attach(USB_KEYBOARD_PORT, Box::new(device))
+                .map_err(usb_err)?;
+            Some(input)
+        } else {
+            None
+        };
+        let uhci = Arc::new(Mutex::new(uhci));
+        timed.push(uhci.clone());
+        pci.add(PCI_UHCI_SLOT.0, PCI_UHCI_SLOT.1, uhci.clone())
+            .map_err(pci_err)?;
+        mapper.set_after_write(PCI_UHCI_SLOT.0, PCI_UHCI_SLOT.1, timer_notify.clone());
+
+        // Cirrus CL-GD5446 on 00:02.0: legacy ports and window, VRAM as a KVM slot.
+        let vram = Vram::new((config.display.vram_mib as usize) << 20)
+            .map_err(|e| VmmError::Device(e.to_string()))?;
+        let vram_memory = vram.memory().clone();
+        let rom = if config.linux_boot.is_none() {
+            crate::firmware::load_cirrus_vgabios()?
+        } else {
+            Vec::new()
+        };
+        let cirrus = Arc::new(Mutex::new(
+            CirrusVga::new(vram, rom).map_err(|e| VmmError::Device(e.to_string()))?,
+        ));
+        pio.insert(
+            VGA_PORT as u64,
+            VGA_PORT_LEN,
+            Arc::new(Mutex::new(CirrusPorts(cirrus.clone()))),
+        )?;
+        mmio.insert(
+            VGA_WINDOW_START,
+            VGA_WINDOW_SIZE,
+            Arc::new(Mutex::new(CirrusWindow(cirrus.clone()))),
+        )?;
+        let linear_bar = Arc::new(CirrusLinearBar {
+            card: cirrus.clone(),
+            function: cirrus.clone(),
+            slot: FramebufferSlot::new(vm.clone(), vram_memory),
+            mmio: mmio.clone(),
+            placed: Mutex::new(None),
+        });
+        mapper.set_direct(
+            PCI_VGA_SLOT.0,
+            PCI_VGA_SLOT.1,
+            BAR_LINEAR,
+            linear_bar.clone(),
+        );
+        pci.add(PCI_VGA_SLOT.0, PCI_VGA_SLOT.1, cirrus.clone())
+            .map_err(pci_err)?;
+
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(PCI_CONFIG_PORT as u64, PCI_CONFIG_PORT_LEN, pci.clone())?;
 
@@ -400,7 +519,15 @@ impl Machine {
             irq_lines,
             interrupt_counts,
             clock,
-            display: None,
+            display: Some(cirrus.clone()),
+            cirrus,
+            linear_bar,
+            ide,
+            uhci,
+            tablet,
+            usb_keyboard,
+            timed,
+            boot_order_after_reset,
             initial_irqchips,
             initial_pit,
             _resettables: vec![reset_control, port_a],
@@ -435,9 +562,24 @@ impl Machine {
     }
 
     /// VRAM pages the guest wrote through the linear framebuffer since the last call
-    /// (KVM's dirty log), when the framebuffer is mapped as a memory slot.
+    /// (KVM's dirty log), when the framebuffer is mapped as a memory slot. Also switches
+    /// the framebuffer between direct and trapped access as the card requires.
     pub fn display_guest_dirty(&self) -> Option<DirtyPages> {
-        None
+        self.linear_bar.sync();
+        let bitmap = self.linear_bar.slot.take_dirty_log()?;
+        let pages = (self.linear_bar.slot.size() as usize).div_ceil(vmm_devices::vram::PAGE_SIZE);
+        let mut dirty = DirtyPages::new(pages);
+        dirty.merge_bitmap(&bitmap);
+        Some(dirty)
+    }
+
+    /// After the first reset of a "CD once" start, the firmware boots from disk.
+    pub fn apply_boot_order_after_reset(&mut self) {
+        if let Some(order) = self.boot_order_after_reset.take() {
+            if let Err(e) = lock(&self.fw_cfg).set_file("bootorder", fw_cfg::bootorder_bytes(&order)) {
+                log::warn!("fw_cfg bootorder: {e}");
+            }
+        }
     }
 
     /// Writes the CMOS NVRAM (and guest clock offset) where the config keeps it.
@@ -451,6 +593,143 @@ impl Machine {
             path: path.clone(),
             source,
         })
+    }
+}
+
+/// The fw_cfg `bootorder` for this start, and the one to switch to after the first reset
+/// when the order is "CD once".
+fn boot_orders(config: &VmConfig) -> (Vec<String>, Option<Vec<String>>) {
+    let paths = |kind: DriveKind| -> Vec<String> {
+        config
+            .drives
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.kind == kind)
+            .map(|(i, _)| {
+                let (channel, unit) = ide_position(i);
+                ide_boot_path(channel, unit)
+            })
+            .collect()
+    };
+    let disk_first: Vec<String> = paths(DriveKind::Disk)
+        .into_iter()
+        .chain(paths(DriveKind::Cdrom))
+        .collect();
+    let cd_first: Vec<String> = paths(DriveKind::Cdrom)
+        .into_iter()
+        .chain(paths(DriveKind::Disk))
+        .collect();
+    match config.boot_order {
+        BootOrder::Disk => (disk_first, None),
+        BootOrder::Cd => (cd_first, None),
+        BootOrder::CdOnce => (cd_first, Some(disk_first)),
+    }
+}
+
+/// The Cirrus card's BAR0: VRAM as a dirty-logged KVM memory slot while the card allows
+/// direct access, otherwise trapped to the card; the part above VRAM (the blit source
+/// window) is always trapped.
+pub struct CirrusLinearBar {
+    card: Arc<Mutex<CirrusVga>>,
+    function: SharedPciFunction,
+    pub slot: FramebufferSlot,
+    mmio: Arc<Bus>,
+    /// Where the BAR is decoded and whether VRAM is mapped directly.
+    placed: Mutex<Option<(BarRegion, bool)>>,
+}
+
+/// A BAR's bus accesses at `offset_base` + offset.
+struct OffsetBarDevice {
+    function: SharedPciFunction,
+    bar: usize,
+    offset_base: u64,
+}
+
+impl BusDevice for OffsetBarDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.function).bar_read(self.bar, self.offset_base + offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.function).bar_write(self.bar, self.offset_base + offset, data);
+    }
+}
+
+impl CirrusLinearBar {
+    fn insert(&self, region: BarRegion, direct: bool) -> bool {
+        let vram = self.slot.size().min(region.size);
+        if direct {
+            if let Err(e) = self.slot.map(region.base) {
+                log::warn!("cirrus: direct framebuffer mapping failed: {e}");
+                return self.insert(region, false);
+            }
+            if region.size > vram {
+                let tail = OffsetBarDevice {
+                    function: self.function.clone(),
+                    bar: region.bar,
+                    offset_base: vram,
+                };
+                if let Err(e) = self.mmio.insert(
+                    region.base + vram,
+                    region.size - vram,
+                    Arc::new(Mutex::new(tail)),
+                ) {
+                    log::warn!("cirrus: BAR0 window not mapped: {e}");
+                }
+            }
+            true
+        } else {
+            let device = PciBarDevice::new(self.function.clone(), region.bar);
+            if let Err(e) = self
+                .mmio
+                .insert(region.base, region.size, Arc::new(Mutex::new(device)))
+            {
+                log::warn!("cirrus: BAR0 not mapped: {e}");
+            }
+            false
+        }
+    }
+
+    fn remove(&self, region: BarRegion, direct: bool) {
+        if direct {
+            let _ = self.slot.unmap();
+            let vram = self.slot.size().min(region.size);
+            if region.size > vram {
+                let _ = self.mmio.remove(region.base + vram);
+            }
+        } else {
+            let _ = self.mmio.remove(region.base);
+        }
+    }
+
+    /// Switches between direct and trapped access when the card's mode asks for it.
+    pub fn sync(&self) {
+        let mut placed = lock(&self.placed);
+        let Some((region, direct)) = *placed else {
+            return;
+        };
+        let want = lock(&self.card).linear_direct_ok();
+        if want != direct {
+            self.remove(region, direct);
+            let now = self.insert(region, want);
+            *placed = Some((region, now));
+        }
+    }
+}
+
+impl DirectBar for CirrusLinearBar {
+    fn map(&self, region: BarRegion) -> bool {
+        let direct = lock(&self.card).linear_direct_ok();
+        let now = self.insert(region, direct);
+        *lock(&self.placed) = Some((region, now));
+        true
+    }
+
+    fn unmap(&self, region: BarRegion) {
+        if let Some((placed, direct)) = lock(&self.placed).take() {
+            if placed == region {
+                self.remove(region, direct);
+            }
+        }
     }
 }
 

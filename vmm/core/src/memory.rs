@@ -10,9 +10,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_devices::fw_cfg::E820Entry;
 use vmm_devices::i440fx::{pam_segments, PamListener, PamMode};
 use vmm_devices::BusDevice;
@@ -56,7 +56,6 @@ impl GuestRam {
     /// Bytes of guest RAM the host has backed with real memory so far (pages the guest
     /// or a device touched), from `mincore`.
     pub fn resident_bytes(&self) -> u64 {
-        use vm_memory::GuestMemoryRegion;
         let page = 4096usize;
         let mut resident = 0u64;
         for region in self.mem.iter() {
@@ -166,6 +165,106 @@ impl FirmwareRom {
     fn read_isa_alias(&self, isa_addr: u64, data: &mut [u8]) -> bool {
         let rom_addr = FIRMWARE_END - ISA_BIOS_SIZE + (isa_addr - ISA_BIOS_START);
         rom_addr >= self.base && self.mem.read_slice(data, GuestAddress(rom_addr)).is_ok()
+    }
+}
+
+/// KVM slot of the display card's linear framebuffer.
+const SLOT_FRAMEBUFFER: u32 = 32;
+
+/// The display card's VRAM mapped into the guest as a KVM memory slot with dirty
+/// logging, so that framebuffer writes never exit; the frame pipeline reads the dirty log.
+pub struct FramebufferSlot {
+    vm: Arc<VmFd>,
+    /// Keeps the VRAM mapping alive while KVM may refer to it.
+    vram: GuestMemoryMmap,
+    size: u64,
+    mapped_at: Mutex<Option<u64>>,
+}
+
+impl FramebufferSlot {
+    pub fn new(vm: Arc<VmFd>, vram: GuestMemoryMmap) -> Self {
+        let size = vram.iter().map(|r| r.len()).sum();
+        Self {
+            vm,
+            vram,
+            size,
+            mapped_at: Mutex::new(None),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Where the framebuffer is mapped now.
+    pub fn mapped_at(&self) -> Option<u64> {
+        *self.mapped_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Maps VRAM at guest-physical `base` (moving it if it was elsewhere).
+    pub fn map(&self, base: u64) -> Result<()> {
+        let mut at = self.mapped_at.lock().unwrap_or_else(|e| e.into_inner());
+        if *at == Some(base) {
+            return Ok(());
+        }
+        if at.is_some() {
+            self.clear()?;
+            *at = None;
+        }
+        let host = self
+            .vram
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| VmmError::GuestMemory {
+                mib: self.size >> 20,
+                reason: e.to_string(),
+            })? as u64;
+        let region = kvm_userspace_memory_region {
+            slot: SLOT_FRAMEBUFFER,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: base,
+            memory_size: self.size,
+            userspace_addr: host,
+        };
+        // SAFETY: `host..host + size` is the VRAM mapping owned by `self.vram`, which lives
+        // as long as this slot object; `Drop` removes the slot before the mapping can go.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION (framebuffer)"))?;
+        *at = Some(base);
+        Ok(())
+    }
+
+    fn clear(&self) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: SLOT_FRAMEBUFFER,
+            ..Default::default()
+        };
+        // SAFETY: a zero-sized region deletes the slot; no memory is referenced.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION (framebuffer)"))
+    }
+
+    /// Removes the mapping; guest accesses exit again.
+    pub fn unmap(&self) -> Result<()> {
+        let mut at = self.mapped_at.lock().unwrap_or_else(|e| e.into_inner());
+        if at.take().is_some() {
+            self.clear()?;
+        }
+        Ok(())
+    }
+
+    /// Pages the guest wrote since the last call (bit n = page n), when mapped.
+    pub fn take_dirty_log(&self) -> Option<Vec<u64>> {
+        self.mapped_at()?;
+        self.vm
+            .get_dirty_log(SLOT_FRAMEBUFFER, self.size as usize)
+            .map_err(|e| log::warn!("KVM_GET_DIRTY_LOG: {e}"))
+            .ok()
+    }
+}
+
+impl Drop for FramebufferSlot {
+    fn drop(&mut self) {
+        let _ = self.unmap();
     }
 }
 

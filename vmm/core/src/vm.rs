@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vmm_devices::i8042::I8042;
+use vmm_devices::ide::PiixIde;
+use vmm_devices::usb_hid::HidInput;
 use vmm_devices::{SystemControl, Timed};
 use vmm_sys_util::signal::Killable;
 
@@ -121,6 +123,7 @@ enum Message {
     Resume(Sender<Result<()>>),
     Reset(Sender<Result<()>>),
     PowerOff(Sender<Result<()>>),
+    ChangeCdrom(Option<std::path::PathBuf>, bool, Sender<Result<()>>),
     GuestReset,
     GuestPowerOff,
     VcpuFailed(usize, String),
@@ -131,7 +134,7 @@ enum Message {
 struct Shared {
     state: Mutex<VmState>,
     subscribers: Mutex<Vec<Sender<Event>>>,
-    i8042: Mutex<Option<Arc<Mutex<I8042>>>>,
+    devices: Mutex<Option<LiveDevices>>,
     counters: Mutex<Vec<Arc<ExitCounters>>>,
     vcpu_tids: Mutex<Vec<Arc<Mutex<Option<i32>>>>>,
     interrupts: Mutex<Arc<InterruptCounts>>,
@@ -156,6 +159,28 @@ impl Shared {
         };
         if changed {
             self.emit(Event::StateChanged(state));
+        }
+    }
+}
+
+/// The devices the facade talks to directly while a machine exists.
+#[derive(Clone)]
+struct LiveDevices {
+    i8042: Arc<Mutex<I8042>>,
+    tablet: Option<HidInput>,
+    usb_keyboard: Option<HidInput>,
+    ide: Arc<Mutex<PiixIde>>,
+    serial: Arc<Mutex<vmm_devices::serial::Serial>>,
+}
+
+impl LiveDevices {
+    fn of(machine: &Machine) -> Self {
+        Self {
+            i8042: machine.i8042.clone(),
+            tablet: machine.tablet.clone(),
+            usb_keyboard: machine.usb_keyboard.clone(),
+            ide: machine.ide.clone(),
+            serial: machine.serial.clone(),
         }
     }
 }
@@ -197,6 +222,7 @@ pub struct VmHandle {
     shared: Arc<Shared>,
     tx: Sender<Message>,
     engine: Option<JoinHandle<()>>,
+    vnc: Option<crate::vnc::VncServer>,
 }
 
 /// Keyboard and pointer input for a VM. Cheap to clone; usable from any thread.
@@ -210,23 +236,42 @@ pub struct InputHandle {
 pub enum InputRoute {
     Ps2Keyboard,
     Ps2Mouse,
+    UsbKeyboard,
+    UsbTablet,
     /// The VM is not running or has no device for this kind of event.
     Dropped,
 }
 
 impl InputHandle {
-    fn i8042(&self) -> Option<Arc<Mutex<I8042>>> {
-        lock(&self.shared.i8042).clone()
+    fn devices(&self) -> Option<LiveDevices> {
+        lock(&self.shared.devices).clone()
     }
 
-    /// A key, by Linux evdev code (KEY_ESC = 1, KEY_A = 30, ...), pressed or released.
+    /// A key, by Linux evdev code (KEY_ESC = 1, KEY_A = 30, ...), pressed or released. Goes
+    /// to the USB keyboard when the VM has one, else to the PS/2 keyboard.
     pub fn key(&self, evdev_code: u16, down: bool) -> InputRoute {
-        match self.i8042() {
+        match self.devices() {
+            Some(LiveDevices {
+                usb_keyboard: Some(kbd),
+                ..
+            }) => {
+                kbd.key(evdev_code, down);
+                InputRoute::UsbKeyboard
+            }
             Some(dev) => {
-                lock(&dev).key_event(evdev_code, down);
+                lock(&dev.i8042).key_event(evdev_code, down);
                 InputRoute::Ps2Keyboard
             }
             None => InputRoute::Dropped,
+        }
+    }
+
+    /// Bytes typed into the first serial port (COM1), as from a terminal. Returns how many
+    /// fit into the receive FIFO (the rest is dropped, as a UART without flow control does).
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        match self.devices() {
+            Some(dev) => lock(&dev.serial).enqueue_input(bytes),
+            None => 0,
         }
     }
 
@@ -237,22 +282,39 @@ impl InputHandle {
     }
 
     /// Relative pointer motion (dy positive = down) with wheel and buttons (bit 0 left,
-    /// 1 right, 2 middle, 3 side, 4 extra).
+    /// 1 right, 2 middle, 3 side, 4 extra), to the PS/2 mouse.
     pub fn pointer_relative(&self, dx: i32, dy: i32, wheel: i32, buttons: u8) -> InputRoute {
-        match self.i8042() {
+        match self.devices() {
             Some(dev) => {
-                lock(&dev).mouse_motion(dx, dy, wheel, buttons);
+                lock(&dev.i8042).mouse_motion(dx, dy, wheel, buttons);
                 InputRoute::Ps2Mouse
             }
             None => InputRoute::Dropped,
         }
     }
 
-    /// Absolute pointer position in 0..=0x7fff on both axes. Needs an absolute pointing
-    /// device (the USB tablet); the PS/2 mouse cannot take it.
+    /// Whether absolute pointer events reach the guest (the VM has a USB tablet): then
+    /// a console needs no pointer grab.
+    pub fn has_absolute_pointer(&self) -> bool {
+        self.devices().is_some_and(|d| d.tablet.is_some())
+    }
+
+    /// Absolute pointer position in 0..=0x7fff on both axes, buttons as for
+    /// `pointer_relative` and a wheel step. Needs the USB tablet; the PS/2 mouse cannot
+    /// take absolute positions.
     pub fn pointer_absolute(&self, x: u16, y: u16, buttons: u8) -> InputRoute {
-        let _ = (x.min(0x7fff), y.min(0x7fff), buttons);
-        InputRoute::Dropped
+        self.pointer_absolute_wheel(x, y, buttons, 0)
+    }
+
+    /// `pointer_absolute` with a wheel step (positive = away from the user).
+    pub fn pointer_absolute_wheel(&self, x: u16, y: u16, buttons: u8, wheel: i8) -> InputRoute {
+        match self.devices().and_then(|d| d.tablet) {
+            Some(tablet) => {
+                tablet.pointer_absolute(x.min(0x7fff), y.min(0x7fff), buttons, wheel);
+                InputRoute::UsbTablet
+            }
+            None => InputRoute::Dropped,
+        }
     }
 }
 
@@ -272,7 +334,7 @@ impl VmHandle {
         let shared = Arc::new(Shared {
             state: Mutex::new(VmState::Stopped),
             subscribers: Mutex::new(Vec::new()),
-            i8042: Mutex::new(None),
+            devices: Mutex::new(None),
             counters: Mutex::new(Vec::new()),
             vcpu_tids: Mutex::new(Vec::new()),
             interrupts: Mutex::new(Arc::new(Vec::new())),
@@ -284,7 +346,7 @@ impl VmHandle {
         });
         // Build once now so that configuration and host problems surface here.
         let machine = build_machine(&config, &options, &signals)?;
-        *lock(&shared.i8042) = Some(machine.i8042.clone());
+        *lock(&shared.devices) = Some(LiveDevices::of(&machine));
         let mut engine = Engine {
             config,
             options,
@@ -295,15 +357,25 @@ impl VmHandle {
             threads: Vec::new(),
             next_refresh_ns: 0,
         };
+        let vnc_config = engine.config.display.vnc.clone();
         let thread = std::thread::Builder::new()
             .name("vmm-engine".into())
             .spawn(move || engine.run(rx))
             .map_err(VmmError::Thread)?;
-        Ok(VmHandle {
+        let mut handle = VmHandle {
             shared,
             tx,
             engine: Some(thread),
-        })
+            vnc: None,
+        };
+        if let Some(vnc) = vnc_config {
+            handle.vnc = Some(crate::vnc::start(
+                &vnc,
+                handle.display(),
+                handle.input(),
+            )?);
+        }
+        Ok(handle)
     }
 
     fn call(&self, make: impl FnOnce(Sender<Result<()>>) -> Message) -> Result<()> {
@@ -341,6 +413,16 @@ impl VmHandle {
         let (tx, rx) = mpsc::channel();
         lock(&self.shared.subscribers).push(tx);
         rx
+    }
+
+    /// Where the VM's VNC server listens, if it has one.
+    pub fn vnc_address(&self) -> Option<std::net::SocketAddr> {
+        self.vnc.as_ref().map(|v| v.local_addr())
+    }
+
+    /// Clients connected to the VNC server and bytes sent so far.
+    pub fn vnc_stats(&self) -> Option<vmm_vnc::VncStats> {
+        self.vnc.as_ref().map(|v| v.stats())
     }
 
     /// The guest's screen.
@@ -386,9 +468,32 @@ impl VmHandle {
                 .map(|r| r.resident_bytes())
                 .unwrap_or(0),
             display_frames: self.display().frames(),
-            disks: Vec::new(),
+            disks: self.disk_stats(),
             nics: Vec::new(),
         }
+    }
+
+    fn disk_stats(&self) -> Vec<DiskStats> {
+        let Some(dev) = lock(&self.shared.devices).clone() else {
+            return Vec::new();
+        };
+        let stats = lock(&dev.ide).stats();
+        stats
+            .into_iter()
+            .map(|s| DiskStats {
+                read_bytes: s.counters.read_bytes,
+                write_bytes: s.counters.write_bytes,
+                read_ops: s.counters.read_ops,
+                write_ops: s.counters.write_ops,
+                flushes: s.counters.flushes,
+            })
+            .collect()
+    }
+
+    /// Puts a new medium into the first CD-ROM drive, or ejects it (None). A guest that
+    /// locked the tray gets an eject request and the change is refused, unless `force`.
+    pub fn change_cdrom(&self, iso: Option<&std::path::Path>, force: bool) -> Result<()> {
+        self.call(|reply| Message::ChangeCdrom(iso.map(|p| p.to_path_buf()), force, reply))
     }
 
     /// Blocks until the VM is stopped or failed, or `timeout` passes; returns the state.
@@ -486,6 +591,10 @@ impl Engine {
                     self.power_off();
                     let _ = reply.send(Ok(()));
                 }
+                Message::ChangeCdrom(path, force, reply) => {
+                    let r = self.change_cdrom(path, force);
+                    let _ = reply.send(r);
+                }
                 Message::GuestReset => {
                     if lock(&self.shared.state).clone() == VmState::Running {
                         if let Err(e) = self.reset() {
@@ -533,7 +642,7 @@ impl Engine {
             Some(m) => m,
             None => build_machine(&self.config, &self.options, &self.signals)?,
         };
-        *lock(&self.shared.i8042) = Some(machine.i8042.clone());
+        *lock(&self.shared.devices) = Some(LiveDevices::of(&machine));
         self.control = RunControl::new();
         let mut counters = Vec::new();
         let mut tids = Vec::new();
@@ -605,8 +714,13 @@ impl Engine {
             return Err(self.invalid("reset"));
         }
         self.park_vcpus();
-        if let Some(m) = &self.machine {
+        if let Some(m) = &mut self.machine {
             m.reset_devices()?;
+            m.apply_boot_order_after_reset();
+        }
+        if self.config.boot_order == crate::config::BootOrder::CdOnce {
+            // The install CD was booted once; from now on the disk comes first.
+            self.config.boot_order = crate::config::BootOrder::Disk;
         }
         self.control.bump_reset_epoch();
         *lock(&self.shared.resets) += 1;
@@ -614,6 +728,39 @@ impl Engine {
         if state == VmState::Running {
             self.control.set_command(VcpuCommand::Run);
         }
+        Ok(())
+    }
+
+    fn change_cdrom(&mut self, path: Option<std::path::PathBuf>, force: bool) -> Result<()> {
+        let Some(index) = self
+            .config
+            .drives
+            .iter()
+            .position(|d| d.kind == crate::config::DriveKind::Cdrom)
+        else {
+            return Err(VmmError::Device("the VM has no CD-ROM drive".into()));
+        };
+        let media = match &path {
+            Some(p) => Some(crate::storage::ImageBackend::open(
+                p,
+                crate::config::DriveKind::Cdrom,
+                true,
+            )?),
+            None => None,
+        };
+        if let Some(m) = &self.machine {
+            let (channel, unit) = crate::storage::ide_position(index);
+            lock(&m.ide)
+                .change_media(
+                    channel,
+                    unit,
+                    media.map(|b| Box::new(b) as Box<dyn vmm_devices::block::BlockBackend>),
+                    force,
+                )
+                .map_err(|e| VmmError::Device(format!("CD-ROM: {e}")))?;
+        }
+        // The next start keeps the new medium.
+        self.config.drives[index].path = path;
         Ok(())
     }
 
@@ -638,7 +785,7 @@ impl Engine {
                 }
             }
         }
-        *lock(&self.shared.i8042) = None;
+        *lock(&self.shared.devices) = None;
         if !matches!(self.state(), VmState::Failed(_)) {
             self.shared.set_state(VmState::Stopped);
         }
@@ -653,7 +800,7 @@ impl Engine {
         if let Some(m) = self.machine.take() {
             let _ = m.save_nvram();
         }
-        *lock(&self.shared.i8042) = None;
+        *lock(&self.shared.devices) = None;
         self.shared.set_state(VmState::Failed(message));
     }
 
@@ -664,6 +811,9 @@ impl Engine {
         };
         let now = m.clock.monotonic_ns();
         let mut deadlines = vec![lock(&m.rtc).next_deadline_ns()];
+        if self.state() == VmState::Running {
+            deadlines.extend(m.timed.iter().map(|t| lock(t).next_deadline_ns()));
+        }
         if m.display.is_some() && self.state() == VmState::Running {
             deadlines.push(Some(self.next_refresh_ns));
         }
@@ -685,8 +835,18 @@ impl Engine {
                 rtc.on_timer(now);
             }
         }
+        let running = self.state() == VmState::Running;
+        if running {
+            for t in &m.timed {
+                let mut t = lock(t);
+                if t.next_deadline_ns().is_some_and(|d| d <= now) {
+                    t.on_timer(now);
+                }
+            }
+        }
         if let Some(display) = &m.display {
-            if self.next_refresh_ns <= now && self.state() == VmState::Running {
+            if self.next_refresh_ns <= now && running {
+                lock(&m.cirrus).vga_mut().set_time_ns(now);
                 let handle = DisplayHandle {
                     shared: self.shared.display.clone(),
                 };
