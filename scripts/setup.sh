@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Installs what DeskVM needs on Debian 12 when it is missing: the system packages for
-# building and running (GTK 4, libadwaita, SeaBIOS firmware) and, for the test suite, the
-# assembler the engine tests use. Safe to run again: it installs only what is missing.
+# building and running (GTK 4, libadwaita, libslirp, SeaBIOS firmware) and, for the test
+# suite, the real software the tests hold DeskVM to (assembler, qemu-img, GRUB tooling,
+# VNC clients, OCR, Xvfb, validators) plus vncdotool from PyPI in a private venv. Safe to
+# run again: it installs only what is missing.
 #   scripts/setup.sh run    packages to build and run DeskVM
 #   scripts/setup.sh test   the above plus what the test suite needs
 set -euo pipefail
 
 purpose=${1:-run}
-run_packages=(pkg-config libgtk-4-dev libadwaita-1-dev seabios)
-test_packages=(nasm)
+run_packages=(pkg-config libgtk-4-dev libadwaita-1-dev libslirp-dev seabios)
+test_packages=(nasm qemu-utils grub-pc-bin grub-common xorriso mtools vncsnapshot tesseract-ocr
+  python3-venv xvfb xauth dbus dbus-x11 at-spi2-core xdotool imagemagick desktop-file-utils
+  appstream libglib2.0-bin gettext)
 
 packages=("${run_packages[@]}")
 if [ "$purpose" = test ]; then
@@ -30,6 +34,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# vncdotool (a VNC client the display tests drive) is only on PyPI: a private venv.
+if [ "$purpose" = test ]; then
+  venv="${XDG_CACHE_HOME:-$HOME/.cache}/deskvm/venv"
+  if [ ! -x "$venv/bin/vncdo" ]; then
+    echo "DeskVM setup: installing vncdotool into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q vncdotool
+  fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
 export PATH="$HOME/.cargo/bin:$PATH"
+export VNCDO="${XDG_CACHE_HOME:-$HOME/.cache}/deskvm/venv/bin/vncdo"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # A test whose prerequisite (KVM, firmware, nasm) is missing prints "SKIPPED: reason" and

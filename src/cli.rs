@@ -28,6 +28,131 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// List the VMs in the library.
     List,
+    /// Create and inspect disk images.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCommand {
+    /// Create a new, sparse disk image.
+    Create {
+        /// The new image file (never overwritten).
+        path: PathBuf,
+        /// Virtual size, e.g. 20G, 512M (bytes without a suffix); with --backing, 0 or
+        /// left out takes the backing image's size.
+        size: Option<String>,
+        /// qcow2 (default) or raw.
+        #[arg(long, default_value = "qcow2", value_parser = parse_format)]
+        format: vmm::storage::ImageFormat,
+        /// A base image the new qcow2 reads through (copy-on-write).
+        #[arg(long, value_name = "IMAGE")]
+        backing: Option<PathBuf>,
+    },
+    /// Show an image's format, sizes and backing file.
+    Info { path: PathBuf },
+}
+
+pub fn parse_format(text: &str) -> Result<vmm::storage::ImageFormat, String> {
+    match text {
+        "qcow2" => Ok(vmm::storage::ImageFormat::Qcow2),
+        "raw" => Ok(vmm::storage::ImageFormat::Raw),
+        _ => Err(format!("\"{text}\" is not qcow2 or raw")),
+    }
+}
+
+/// "20G", "512M", "1T", "4096" → bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => {
+                    return Err(format!(
+                        "\"{text}\": unknown size suffix '{c}' (K, M, G, T)"
+                    ))
+                }
+            };
+            (&text[..i], shift)
+        }
+        _ => (text, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a size like 20G or 512M"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("\"{text}\" is too large"))
+}
+
+pub fn disk(command: &DiskCommand) -> Result<(), CliError> {
+    match command {
+        DiskCommand::Create {
+            path,
+            size,
+            format,
+            backing,
+        } => {
+            let size = match size {
+                Some(s) => parse_size(s).map_err(CliError::Usage)?,
+                None if backing.is_some() => 0,
+                None => return Err(CliError::Usage("give the size, e.g. 20G".into())),
+            };
+            vmm::storage::create(path, *format, size, backing.as_deref())?;
+            let info = vmm::storage::info(path)?;
+            println!(
+                "Created {} ({}, {})",
+                path.display(),
+                info.format.as_str(),
+                human_size(info.virtual_size)
+            );
+        }
+        DiskCommand::Info { path } => {
+            let info = vmm::storage::info(path)?;
+            println!("image:          {}", path.display());
+            println!("format:         {}", info.format.as_str());
+            println!(
+                "virtual size:   {} ({} bytes)",
+                human_size(info.virtual_size),
+                info.virtual_size
+            );
+            println!("disk size:      {}", human_size(info.allocated_bytes));
+            if let Some(c) = info.cluster_size {
+                println!("cluster size:   {c}");
+            }
+            if let Some(v) = info.qcow2_version {
+                println!("qcow2 version:  {v}");
+            }
+            if let Some(b) = &info.backing_file {
+                println!("backing file:   {b}");
+            }
+            if info.dirty {
+                println!("dirty:          yes (run `qemu-img check -r all` on it)");
+            }
+            if info.corrupt {
+                println!("corrupt:        yes");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -196,6 +321,8 @@ pub enum CliError {
     Config(#[from] vmm::ConfigError),
     #[error(transparent)]
     Engine(#[from] vmm::VmmError),
+    #[error(transparent)]
+    Disk(#[from] vmm::storage::DiskError),
     #[error("the VM failed: {0}")]
     Failed(String),
     #[error("{0}")]
@@ -348,6 +475,28 @@ pub fn list() -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_and_disk_commands_parse() {
+        assert_eq!(parse_size("20G").unwrap(), 20 << 30);
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12X").unwrap_err().contains("suffix"));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
+        let cli = Cli::try_parse_from(["deskvm", "disk", "create", "/tmp/a.qcow2", "2G"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Disk(DiskCommand::Create { .. }))
+        ));
+        assert!(
+            Cli::try_parse_from(["deskvm", "disk", "create", "x", "1G", "--format", "vdi"])
+                .is_err()
+        );
+        assert_eq!(human_size(3 << 30), "3.0 GiB");
+    }
 
     #[test]
     fn hardware_quick_options() {

@@ -65,6 +65,8 @@ pub enum VmmError {
     },
     #[error("disk image {path}: {reason}")]
     Disk { path: PathBuf, reason: String },
+    #[error("network card {index}: {reason}")]
+    Network { index: usize, reason: String },
     #[error("the VNC server cannot start: {0}")]
     Vnc(String),
     #[error("cannot write the screenshot {path}: {source}")]

@@ -33,6 +33,16 @@ pub fn load_cirrus_vgabios() -> Result<Vec<u8>> {
     })
 }
 
+/// A network card's iPXE option ROM from Debian's ipxe-qemu package (for network boot),
+/// if installed.
+pub fn load_nic_rom(model: &str) -> Option<Vec<u8>> {
+    ["/usr/lib/ipxe/qemu/pxe-", "/usr/share/ipxe/qemu/pxe-"]
+        .iter()
+        .map(|dir| PathBuf::from(format!("{dir}{model}.rom")))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::read(p).ok())
+}
+
 /// The firmware file to use: the configured one, or the first found in the search path.
 pub fn locate_bios(configured: Option<&Path>) -> Result<PathBuf> {
     if let Some(path) = configured {

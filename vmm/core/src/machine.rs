@@ -9,33 +9,37 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vmm_devices::clock::{Clock, HostClock};
 use vmm_devices::cirrus::{CirrusPorts, CirrusVga, CirrusWindow, BAR_LINEAR};
+use vmm_devices::clock::{Clock, HostClock};
 use vmm_devices::debugcon::DebugCon;
-use vmm_devices::ide::{Drive, PiixIde};
-use vmm_devices::pci::{BarRegion, DirectBar, PciBarDevice, SharedPciFunction};
-use vmm_devices::uhci::Uhci;
-use vmm_devices::usb_hid::{HidInput, UsbHid};
-use vmm_devices::vram::Vram;
 use vmm_devices::display::DisplayDevice;
+use vmm_devices::e1000::E1000;
 use vmm_devices::fw_cfg::{self, FwCfg};
 use vmm_devices::i440fx::I440fxHostBridge;
 use vmm_devices::i8042::I8042;
+use vmm_devices::ide::{Drive, PiixIde};
+use vmm_devices::net::NetworkCard;
+use vmm_devices::pci::{BarRegion, DirectBar, PciBarDevice, SharedPciFunction};
 use vmm_devices::pci::{BusBarMapper, PciRoot};
 use vmm_devices::piix3::{PciIrqRouter, Piix3IsaBridge};
 use vmm_devices::reset::{ResetControl, SystemPortA};
 use vmm_devices::rtc::{Rtc, RtcState};
+use vmm_devices::rtl8139::Rtl8139;
 use vmm_devices::serial::{Serial, SerialOutput};
+use vmm_devices::uhci::Uhci;
+use vmm_devices::usb_hid::{HidInput, UsbHid};
 use vmm_devices::vram::DirtyPages;
+use vmm_devices::vram::Vram;
 use vmm_devices::{Bus, BusDevice, IrqLine, SystemControl, Timed};
 
-use crate::config::{BootOrder, CharOutput, DriveKind, VmConfig};
+use crate::config::{BootOrder, CharOutput, DriveKind, NicModel, VmConfig};
 use crate::error::{Result, VmmError};
 use crate::layout::*;
 use crate::linux_boot::{load_linux, LinuxEntry};
 use crate::memory::{
     host_memory_bytes, BiosShadowWindow, FirmwareRom, FramebufferSlot, GuestRam, MemoryMap,
 };
+use crate::net::NetBackend;
 use crate::storage::{ide_boot_path, ide_position, open_drive};
 use crate::vcpu::{cpuid_for, ResetState};
 
@@ -177,12 +181,20 @@ pub struct Machine {
     pub usb_keyboard: Option<HidInput>,
     /// Devices with timers the engine thread runs (besides the RTC).
     pub timed: Vec<Arc<Mutex<dyn Timed>>>,
+    /// Network cards in configuration order, each with its backend.
+    pub nics: Vec<NicSlot>,
     /// The boot order to switch to after the first reset ("CD once").
     pub boot_order_after_reset: Option<Vec<String>>,
     initial_irqchips: Vec<kvm_irqchip>,
     initial_pit: kvm_pit_state2,
     // Kept so their devices stay alive with the machine.
     _resettables: Vec<Arc<Mutex<dyn Resettable>>>,
+}
+
+/// A network card and the backend that carries its frames.
+pub struct NicSlot {
+    pub card: Arc<Mutex<dyn NetworkCard>>,
+    pub backend: NetBackend,
 }
 
 /// Devices with a machine-reset behaviour beyond what is rebuilt.
@@ -366,7 +378,11 @@ impl Machine {
                 IDE_COMMAND_PORT_LEN,
                 ide.command_block(channel),
             )?;
-            pio.insert(IDE_CONTROL_PORTS[channel] as u64, 1, ide.control_block(channel))?;
+            pio.insert(
+                IDE_CONTROL_PORTS[channel] as u64,
+                1,
+                ide.control_block(channel),
+            )?;
         }
         for (index, drive) in config.drives.iter().enumerate() {
             let (channel, unit) = ide_position(index);
@@ -457,6 +473,62 @@ impl Machine {
         pci.add(PCI_VGA_SLOT.0, PCI_VGA_SLOT.1, cirrus.clone())
             .map_err(pci_err)?;
 
+        // Network cards on 00:03.0, 00:04.0, ... each with its NAT or TAP backend.
+        let mut nics = Vec::new();
+        for (index, nic) in config.nics.iter().enumerate() {
+            let slot = PCI_NIC_FIRST_SLOT + index as u8;
+            let mac = config.nic_mac(index);
+            let irq = router.intx_line(slot, 1);
+            let net_err = |e: crate::net::NetError| VmmError::Network {
+                index,
+                reason: e.to_string(),
+            };
+            let (sink, port) = NetBackend::channel().map_err(net_err)?;
+            let (card, function, timed_card): (
+                Arc<Mutex<dyn NetworkCard>>,
+                SharedPciFunction,
+                Arc<Mutex<dyn Timed>>,
+            ) = match nic.model {
+                NicModel::E1000 => {
+                    let rom = nic
+                        .boot_file
+                        .as_ref()
+                        .and_then(|_| crate::firmware::load_nic_rom("e1000"));
+                    let c = Arc::new(Mutex::new(E1000::new(
+                        mac,
+                        ram.mem.clone(),
+                        irq,
+                        sink,
+                        clock.clone(),
+                        rom,
+                    )));
+                    (c.clone(), c.clone(), c)
+                }
+                NicModel::Rtl8139 => {
+                    let c = Arc::new(Mutex::new(Rtl8139::new(
+                        mac,
+                        ram.mem.clone(),
+                        irq,
+                        sink,
+                        clock.clone(),
+                    )));
+                    (c.clone(), c.clone(), c)
+                }
+                NicModel::VirtioNet => {
+                    return Err(VmmError::Network {
+                        index,
+                        reason: "the virtio-net card is not available in this build; choose e1000 or rtl8139".into(),
+                    })
+                }
+            };
+            lock(&card).set_link(nic.link_up);
+            pci.add(slot, 0, function).map_err(pci_err)?;
+            mapper.set_after_write(slot, 0, timer_notify.clone());
+            timed.push(timed_card);
+            let backend = NetBackend::start(index, nic, card.clone(), port).map_err(net_err)?;
+            nics.push(NicSlot { card, backend });
+        }
+
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(PCI_CONFIG_PORT as u64, PCI_CONFIG_PORT_LEN, pci.clone())?;
 
@@ -528,6 +600,7 @@ impl Machine {
             usb_keyboard,
             timed,
             boot_order_after_reset,
+            nics,
             initial_irqchips,
             initial_pit,
             _resettables: vec![reset_control, port_a],
@@ -576,7 +649,9 @@ impl Machine {
     /// After the first reset of a "CD once" start, the firmware boots from disk.
     pub fn apply_boot_order_after_reset(&mut self) {
         if let Some(order) = self.boot_order_after_reset.take() {
-            if let Err(e) = lock(&self.fw_cfg).set_file("bootorder", fw_cfg::bootorder_bytes(&order)) {
+            if let Err(e) =
+                lock(&self.fw_cfg).set_file("bootorder", fw_cfg::bootorder_bytes(&order))
+            {
                 log::warn!("fw_cfg bootorder: {e}");
             }
         }

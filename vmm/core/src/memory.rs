@@ -211,13 +211,13 @@ impl FramebufferSlot {
             self.clear()?;
             *at = None;
         }
-        let host = self
-            .vram
-            .get_host_address(GuestAddress(0))
-            .map_err(|e| VmmError::GuestMemory {
-                mib: self.size >> 20,
-                reason: e.to_string(),
-            })? as u64;
+        let host =
+            self.vram
+                .get_host_address(GuestAddress(0))
+                .map_err(|e| VmmError::GuestMemory {
+                    mib: self.size >> 20,
+                    reason: e.to_string(),
+                })? as u64;
         let region = kvm_userspace_memory_region {
             slot: SLOT_FRAMEBUFFER,
             flags: KVM_MEM_LOG_DIRTY_PAGES,

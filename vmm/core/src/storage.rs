@@ -4,12 +4,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use vmm_devices::block::BlockBackend;
-use vmm_disk::{DiskError, DiskImage, OpenOptions};
+use vmm_disk::{DiskImage, OpenOptions};
 
 use crate::config::{DriveConfig, DriveKind};
 use crate::error::{Result, VmmError};
 
-pub use vmm_disk::{create, info, ImageFormat, ImageInfo};
+pub use vmm_disk::{create, info, DiskError, ImageFormat, ImageInfo};
 
 /// An open image behind a drive.
 pub struct ImageBackend {
@@ -21,7 +21,8 @@ impl ImageBackend {
     /// Opens `path` for a drive of `kind` (a CD-ROM is always read-only).
     pub fn open(path: &Path, kind: DriveKind, read_only: bool) -> Result<Self> {
         let read_only = read_only || kind == DriveKind::Cdrom;
-        let image = vmm_disk::open(path, OpenOptions { read_only }).map_err(|e| disk_error(path, e))?;
+        let image =
+            vmm_disk::open(path, OpenOptions { read_only }).map_err(|e| disk_error(path, e))?;
         Ok(Self {
             image,
             path: path.to_path_buf(),

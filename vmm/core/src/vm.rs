@@ -171,6 +171,7 @@ struct LiveDevices {
     usb_keyboard: Option<HidInput>,
     ide: Arc<Mutex<PiixIde>>,
     serial: Arc<Mutex<vmm_devices::serial::Serial>>,
+    nics: Vec<Arc<Mutex<dyn vmm_devices::net::NetworkCard>>>,
 }
 
 impl LiveDevices {
@@ -181,6 +182,7 @@ impl LiveDevices {
             usb_keyboard: machine.usb_keyboard.clone(),
             ide: machine.ide.clone(),
             serial: machine.serial.clone(),
+            nics: machine.nics.iter().map(|n| n.card.clone()).collect(),
         }
     }
 }
@@ -369,11 +371,7 @@ impl VmHandle {
             vnc: None,
         };
         if let Some(vnc) = vnc_config {
-            handle.vnc = Some(crate::vnc::start(
-                &vnc,
-                handle.display(),
-                handle.input(),
-            )?);
+            handle.vnc = Some(crate::vnc::start(&vnc, handle.display(), handle.input())?);
         }
         Ok(handle)
     }
@@ -469,7 +467,7 @@ impl VmHandle {
                 .unwrap_or(0),
             display_frames: self.display().frames(),
             disks: self.disk_stats(),
-            nics: Vec::new(),
+            nics: self.nic_stats(),
         }
     }
 
@@ -488,6 +486,41 @@ impl VmHandle {
                 flushes: s.counters.flushes,
             })
             .collect()
+    }
+
+    fn nic_stats(&self) -> Vec<NicStats> {
+        let Some(dev) = lock(&self.shared.devices).clone() else {
+            return Vec::new();
+        };
+        dev.nics
+            .iter()
+            .map(|card| {
+                let card = lock(card);
+                let c = card.counters();
+                NicStats {
+                    rx_bytes: c.rx_bytes,
+                    tx_bytes: c.tx_bytes,
+                    rx_packets: c.rx_packets,
+                    tx_packets: c.tx_packets,
+                    rx_dropped: c.rx_dropped,
+                    tx_dropped: c.tx_dropped,
+                    link_up: card.link_up(),
+                }
+            })
+            .collect()
+    }
+
+    /// Connects or disconnects the cable of network card `index` while the VM runs.
+    pub fn set_nic_link(&self, index: usize, up: bool) -> Result<()> {
+        let dev = lock(&self.shared.devices)
+            .clone()
+            .ok_or_else(|| VmmError::Device("the VM has no machine".into()))?;
+        let card = dev
+            .nics
+            .get(index)
+            .ok_or_else(|| VmmError::Device(format!("the VM has no network card {index}")))?;
+        lock(card).set_link(up);
+        Ok(())
     }
 
     /// Puts a new medium into the first CD-ROM drive, or ejects it (None). A guest that
