@@ -260,9 +260,10 @@ pub fn parse_nic(text: &str) -> Result<NicArg, String> {
         "e1000" => NicModel::E1000,
         "rtl8139" => NicModel::Rtl8139,
         "virtio-net" | "virtio" => NicModel::VirtioNet,
+        "virtio-net-modern" => NicModel::VirtioNetModern,
         other => {
             return Err(format!(
-                "\"{other}\" is not a card model (e1000, rtl8139, virtio-net or none)"
+                "\"{other}\" is not a card model (e1000, rtl8139, virtio-net, virtio-net-modern or none)"
             ))
         }
     };

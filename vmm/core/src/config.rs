@@ -189,8 +189,10 @@ pub enum NicModel {
     E1000,
     /// Realtek RTL8139C+.
     Rtl8139,
-    /// virtio-net (paravirtual).
+    /// virtio-net (paravirtual), transitional: legacy and modern interfaces (1af4:1000).
     VirtioNet,
+    /// virtio-net with the modern (virtio 1.0) interface only (1af4:1041).
+    VirtioNetModern,
 }
 
 /// A host-to-guest port forward of the NAT backend.

@@ -28,6 +28,8 @@ use vmm_devices::rtl8139::Rtl8139;
 use vmm_devices::serial::{Serial, SerialOutput};
 use vmm_devices::uhci::Uhci;
 use vmm_devices::usb_hid::{HidInput, UsbHid};
+use vmm_devices::virtio_net::VirtioNet;
+use vmm_devices::virtio_pci::{MsiSink, VirtioPciMode};
 use vmm_devices::vram::DirtyPages;
 use vmm_devices::vram::Vram;
 use vmm_devices::{Bus, BusDevice, IrqLine, SystemControl, Timed};
@@ -189,6 +191,32 @@ pub struct Machine {
     initial_pit: kvm_pit_state2,
     // Kept so their devices stay alive with the machine.
     _resettables: Vec<Arc<Mutex<dyn Resettable>>>,
+}
+
+/// A network card as the machine holds it: the card, its PCI function, its timers.
+type CardParts = (
+    Arc<Mutex<dyn NetworkCard>>,
+    SharedPciFunction,
+    Arc<Mutex<dyn Timed>>,
+);
+
+/// Message-signalled interrupts through KVM (the in-kernel local APICs).
+struct KvmMsi {
+    vm: Arc<VmFd>,
+}
+
+impl MsiSink for KvmMsi {
+    fn send_msi(&self, address: u64, data: u32) {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.vm.signal_msi(msi) {
+            log::warn!("KVM_SIGNAL_MSI: {e}");
+        }
+    }
 }
 
 /// A network card and the backend that carries its frames.
@@ -484,11 +512,7 @@ impl Machine {
                 reason: e.to_string(),
             };
             let (sink, port) = NetBackend::channel().map_err(net_err)?;
-            let (card, function, timed_card): (
-                Arc<Mutex<dyn NetworkCard>>,
-                SharedPciFunction,
-                Arc<Mutex<dyn Timed>>,
-            ) = match nic.model {
+            let (card, function, timed_card): CardParts = match nic.model {
                 NicModel::E1000 => {
                     let rom = nic
                         .boot_file
@@ -514,11 +538,22 @@ impl Machine {
                     )));
                     (c.clone(), c.clone(), c)
                 }
-                NicModel::VirtioNet => {
-                    return Err(VmmError::Network {
-                        index,
-                        reason: "the virtio-net card is not available in this build; choose e1000 or rtl8139".into(),
-                    })
+                NicModel::VirtioNet | NicModel::VirtioNetModern => {
+                    let mode = if nic.model == NicModel::VirtioNet {
+                        VirtioPciMode::Transitional
+                    } else {
+                        VirtioPciMode::Modern
+                    };
+                    let c = Arc::new(Mutex::new(VirtioNet::new(
+                        mac,
+                        ram.mem.clone(),
+                        irq,
+                        Arc::new(KvmMsi { vm: vm.clone() }),
+                        sink,
+                        clock.clone(),
+                        mode,
+                    )));
+                    (c.clone(), c.clone(), c)
                 }
             };
             lock(&card).set_link(nic.link_up);

@@ -37,6 +37,9 @@ pub mod uhci;
 pub mod usb;
 pub mod usb_hid;
 pub mod vga;
+pub mod virtio_net;
+pub mod virtio_pci;
+pub mod virtio_queue;
 
 #[cfg(test)]
 pub(crate) mod test_support;

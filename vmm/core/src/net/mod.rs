@@ -68,9 +68,7 @@ pub enum NetError {
          sudo ip tuntap add mode tap user $USER name {name} && sudo ip link set {name} up"
     )]
     NoSuchTap { name: String },
-    #[error(
-        "/dev/net/tun is not available ({source}); load the tun module: sudo modprobe tun"
-    )]
+    #[error("/dev/net/tun is not available ({source}); load the tun module: sudo modprobe tun")]
     TunUnavailable { source: std::io::Error },
     #[error(
         "permission denied opening TAP device \"{name}\": it must be owned by your user; \
@@ -250,9 +248,7 @@ impl NetBackend {
         port: NetPort,
     ) -> Result<NetBackend, NetError> {
         match &nic.backend {
-            NetBackendConfig::Nat => {
-                Self::start_nat(index, &NatConfig::from_nic(nic), card, port)
-            }
+            NetBackendConfig::Nat => Self::start_nat(index, &NatConfig::from_nic(nic), card, port),
             NetBackendConfig::Tap { name } => Self::start_tap(index, name, card, port),
         }
     }
@@ -406,7 +402,8 @@ fn run<W: Wire>(mut wire: W, card: &Card, sink: &BackendSink) {
         counters
             .held
             .store(held.frames.len() as u64, Ordering::Relaxed);
-        sink.holding.store(!held.frames.is_empty(), Ordering::Release);
+        sink.holding
+            .store(!held.frames.is_empty(), Ordering::Release);
 
         fds.clear();
         fds.push(libc::pollfd {
@@ -521,10 +518,8 @@ mod tests {
             link: true,
             received: Vec::new(),
         }));
-        let backend = NetBackend::spawn(7, card.clone(), port, move || {
-            Ok(EchoWire { copies })
-        })
-        .unwrap();
+        let backend =
+            NetBackend::spawn(7, card.clone(), port, move || Ok(EchoWire { copies })).unwrap();
         (backend, sink, card)
     }
 
@@ -591,5 +586,46 @@ mod tests {
             Err(NetError::Nat("refused".into()))
         });
         assert!(matches!(result, Err(NetError::Nat(m)) if m == "refused"));
+    }
+
+    #[test]
+    fn backends_and_sinks_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        fn assert_sync<T: Sync>() {}
+        assert_send::<NetBackend>();
+        assert_send::<NetPort>();
+        assert_sync::<BackendSink>();
+    }
+
+    #[test]
+    fn start_follows_the_nic_configuration() {
+        let nic = |backend| NicConfig {
+            model: crate::config::NicModel::E1000,
+            mac: None,
+            link_up: true,
+            backend,
+            forwards: vec![],
+            boot_file: Some("x".repeat(500)),
+        };
+        let card = || -> Card { Arc::new(Mutex::new(FakeCard::new(0))) };
+        let (_, port) = NetBackend::channel().unwrap();
+        let tap = NetBackendConfig::Tap {
+            name: "deskvmnone8".into(),
+        };
+        assert!(matches!(
+            NetBackend::start(0, &nic(tap), card(), port),
+            Err(NetError::NoSuchTap { .. })
+        ));
+        // NAT: the boot file name (too long here) is checked on the backend thread.
+        let (_, port) = NetBackend::channel().unwrap();
+        assert!(matches!(
+            NetBackend::start(0, &nic(NetBackendConfig::Nat), card(), port),
+            Err(NetError::BootFile { .. })
+        ));
+        let mut ok = nic(NetBackendConfig::Nat);
+        ok.boot_file = None;
+        let (_, port) = NetBackend::channel().unwrap();
+        let backend = NetBackend::start(0, &ok, card(), port).unwrap();
+        assert_eq!(backend.stats(), BackendStats::default());
     }
 }

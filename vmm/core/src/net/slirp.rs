@@ -109,8 +109,11 @@ struct SlirpConfig {
 
 #[link(name = "slirp")]
 extern "C" {
-    fn slirp_new(cfg: *const SlirpConfig, callbacks: *const SlirpCb, opaque: *mut c_void)
-        -> *mut Slirp;
+    fn slirp_new(
+        cfg: *const SlirpConfig,
+        callbacks: *const SlirpCb,
+        opaque: *mut c_void,
+    ) -> *mut Slirp;
     fn slirp_cleanup(slirp: *mut Slirp);
     fn slirp_pollfds_fill(
         slirp: *mut Slirp,
@@ -661,7 +664,11 @@ mod tests {
 
     #[test]
     fn links_against_libslirp_4() {
-        assert!(libslirp_version().starts_with('4'), "{}", libslirp_version());
+        assert!(
+            libslirp_version().starts_with('4'),
+            "{}",
+            libslirp_version()
+        );
     }
 
     #[test]

@@ -51,7 +51,9 @@ fn check_name(name: &str) -> Result<CString, NetError> {
         .chars()
         .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
     {
-        return Err(bad("interface names contain no '/', ':', spaces or control characters"));
+        return Err(bad(
+            "interface names contain no '/', ':', spaces or control characters",
+        ));
     }
     if name == "." || name == ".." {
         return Err(bad("not an interface name"));
@@ -373,7 +375,12 @@ mod tests {
                     std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
                 )
             };
-            assert_eq!(sent, frame.len() as isize, "{}", std::io::Error::last_os_error());
+            assert_eq!(
+                sent,
+                frame.len() as isize,
+                "{}",
+                std::io::Error::last_os_error()
+            );
         }
 
         fn receive(&self) -> Option<Vec<u8>> {
@@ -437,14 +444,21 @@ mod tests {
             // A second attachment to the same (single-queue) device is refused as busy.
             let (_, port2) = NetBackend::channel().unwrap();
             let second = NetBackend::start_tap(4, "dvmtap0", card.clone(), port2);
-            assert!(matches!(second, Err(NetError::TapBusy { .. })), "{:?}", second.err());
+            assert!(
+                matches!(second, Err(NetError::TapBusy { .. })),
+                "{:?}",
+                second.err()
+            );
 
             let guest_mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
             let to_host = test_frame([0xff; 6], guest_mac, b"from the guest");
             sink.send(&to_host);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             loop {
-                assert!(std::time::Instant::now() < deadline, "frame never reached the host");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "frame never reached the host"
+                );
                 if let Some(frame) = host.receive() {
                     if frame.get(12..14) == Some(&TEST_ETHERTYPE[..]) {
                         assert_eq!(frame, to_host);
@@ -455,9 +469,12 @@ mod tests {
             let to_guest = test_frame(guest_mac, [2, 0, 0, 0, 0, 9], b"from the host");
             host.send(&to_guest);
             loop {
-                assert!(std::time::Instant::now() < deadline, "frame never reached the card");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "frame never reached the card"
+                );
                 let received = card.lock().unwrap().received.clone();
-                if received.iter().any(|f| *f == to_guest) {
+                if received.contains(&to_guest) {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(1));
