@@ -13,6 +13,9 @@ use kvm_bindings::{
     CpuId,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+
+/// KVM limits the data of one string port exit to a page.
+const PORT_DATA_MAX: usize = 4096;
 use serde::Serialize;
 use vmm_devices::Bus;
 
@@ -422,16 +425,43 @@ impl VcpuRunner {
         self.vcpu.set_kvm_immediate_exit(0);
     }
 
-    fn step(&mut self) -> Step {
-        let c = &self.counters;
-        match self.vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                c.io_in.fetch_add(1, Ordering::Relaxed);
-                self.pio.read(port as u64, data);
+    /// Serves a port exit. String instructions (`rep insw` of an IDE sector, say) arrive as
+    /// one exit with `count` items of `size` bytes; each item is a separate device access.
+    fn port_io(&mut self, port: u16, is_in: bool) {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO, so `io` is the union's active member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        if !matches!(size, 1 | 2 | 4) {
+            return;
+        }
+        let len = size.saturating_mul(io.count as usize).min(PORT_DATA_MAX);
+        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+        // SAFETY: KVM put the `size * count` data bytes at `data_offset` inside this vCPU's
+        // kvm_run mapping (KVM bounds string I/O to one page, below the mapping's size);
+        // the slice is dropped before the next KVM_RUN and nothing else accesses it.
+        let data =
+            unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+        for item in data.chunks_mut(size) {
+            if is_in {
+                self.pio.read(u64::from(port), item);
+            } else {
+                self.pio.write(u64::from(port), item);
             }
-            Ok(VcpuExit::IoOut(port, data)) => {
+        }
+    }
+
+    fn step(&mut self) -> Step {
+        let c = self.counters.clone();
+        let mut port_exit = None;
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoIn(port, _)) => {
+                c.io_in.fetch_add(1, Ordering::Relaxed);
+                port_exit = Some((port, true));
+            }
+            Ok(VcpuExit::IoOut(port, _)) => {
                 c.io_out.fetch_add(1, Ordering::Relaxed);
-                self.pio.write(port as u64, data);
+                port_exit = Some((port, false));
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 c.mmio_read.fetch_add(1, Ordering::Relaxed);
@@ -492,6 +522,9 @@ impl VcpuRunner {
                 c.interrupted.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => return Step::Fail(format!("KVM_RUN failed on vCPU {}: {e}", self.index)),
+        }
+        if let Some((port, is_in)) = port_exit {
+            self.port_io(port, is_in);
         }
         Step::Continue
     }

@@ -502,3 +502,48 @@ armed: db "ARMED", 10, 0
         "IRQ 8 rises once and stays high until C is read"
     );
 }
+
+#[test]
+fn string_port_instructions_reach_the_device_item_by_item() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // `rep outsb` of 17 bytes is one KVM exit with count 17; the debug console (a one-port
+    // device) must see 17 single-byte writes. Then `rep insb` reads the port 4 times into
+    // RAM (the debug console reads back 0xe9) and the program prints what it got.
+    let body = r#"
+start:
+    cli
+    push cs
+    pop ds
+    xor ax, ax
+    mov es, ax
+    cld
+    mov si, msg
+    mov cx, msg_end - msg
+    mov dx, DEBUGCON
+    rep outsb
+    mov di, 0x600
+    mov cx, 4
+    mov dx, DEBUGCON
+    rep insb
+    mov eax, [es:0x600]
+    call hex32
+    PUTS done
+.halt:
+    hlt
+    jmp .halt
+msg: db "STRING-IO-WORKS", 13, 10
+msg_end:
+done: db 10, "DONE", 10, 0
+"#;
+    let config = program_config(dir.path(), "stringio", body);
+    let vm = VmHandle::create(config.clone()).unwrap();
+    vm.start().unwrap();
+    assert!(wait_for_text(&debugcon_path(&config), "DONE", LONG));
+    let out = std::fs::read_to_string(debugcon_path(&config)).unwrap();
+    assert!(out.contains("STRING-IO-WORKS\r\n"), "{out}");
+    assert!(out.to_lowercase().contains("e9e9e9e9"), "{out}");
+    vm.power_off().unwrap();
+}
