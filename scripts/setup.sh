@@ -10,7 +10,7 @@ set -euo pipefail
 
 purpose=${1:-run}
 run_packages=(pkg-config libgtk-4-dev libadwaita-1-dev libslirp-dev seabios)
-test_packages=(nasm qemu-utils grub-pc-bin grub-common xorriso mtools vncsnapshot tesseract-ocr
+test_packages=(nasm qemu-utils grub-pc-bin grub-common xorriso mtools vncsnapshot tesseract-ocr tesseract-ocr-eng
   python3-venv xvfb xauth dbus dbus-x11 at-spi2-core xdotool imagemagick desktop-file-utils
   appstream libglib2.0-bin gettext)
 

@@ -8,6 +8,11 @@ scripts/setup.sh test
 export PATH="$HOME/.cargo/bin:$PATH"
 export VNCDO="${XDG_CACHE_HOME:-$HOME/.cache}/deskvm/venv/bin/vncdo"
 cargo fmt --all -- --check
+# What every GNOME app ships must validate.
+desktop-file-validate data/io.github.deskvm.DeskVM.desktop
+appstreamcli validate --no-net --pedantic data/io.github.deskvm.DeskVM.metainfo.xml
+glib-compile-schemas --strict --dry-run data
+msgfmt --check -o /dev/null po/de.po
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # A test whose prerequisite (KVM, firmware, nasm) is missing prints "SKIPPED: reason" and
 # passes outside CI; under CI=true it fails, so nothing skips there.

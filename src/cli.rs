@@ -434,6 +434,10 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
 /// Runs a VM until it stops; Ctrl+C and SIGTERM power it off cleanly (NVRAM saved).
 pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let config = run_config(args)?;
+    let args = &RunArgs {
+        serial: Some(config.serial.clone()),
+        ..args.clone()
+    };
     let vm = Arc::new(VmHandle::create(config)?);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -448,6 +452,31 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             let _ = vm_for_signals.power_off();
         }
     });
+    if let Some(addr) = vm.vnc_address() {
+        eprintln!("deskvm: VNC server for the screen on {addr}");
+    }
+    if config_serial_is_stdio(args) {
+        // What is typed on the terminal goes to the guest's COM1.
+        let input = vm.input();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut sent = 0;
+                while sent < n {
+                    let accepted = input.serial_input(&buf[sent..n]);
+                    sent += accepted;
+                    if accepted == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+        });
+    }
     vm.start()?;
     let state = vm.wait_for_stop(None);
     signal_handle.close();
@@ -456,6 +485,10 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         VmState::Failed(m) => Err(CliError::Failed(m)),
         _ => Ok(()),
     }
+}
+
+fn config_serial_is_stdio(args: &RunArgs) -> bool {
+    matches!(args.serial, Some(CharOutput::Stdio))
 }
 
 pub fn list() -> Result<(), CliError> {

@@ -63,7 +63,7 @@ pub enum VmmError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("disk image {path}: {reason}")]
+    #[error("disk image: {reason}")]
     Disk { path: PathBuf, reason: String },
     #[error("network card {index}: {reason}")]
     Network { index: usize, reason: String },

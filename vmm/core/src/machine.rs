@@ -843,6 +843,30 @@ impl DirectBar for CirrusLinearBar {
     }
 }
 
+impl Machine {
+    /// Flushes and closes every drive's image (so qcow2 metadata is written and the image
+    /// locks are released) before the machine goes away.
+    pub fn close_drives(&self) {
+        let ide = lock(&self.ide);
+        for channel in 0..2 {
+            for unit in 0..2 {
+                let _ = ide.detach(channel, unit);
+            }
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.close_drives();
+        // The port bus holds the PCI root, whose BAR mapper holds the buses: empty them so
+        // that every device (and what it owns: images, sockets, VRAM) is dropped with the
+        // machine.
+        self.pio.clear();
+        self.mmio.clear();
+    }
+}
+
 /// Loads the configured kernel for direct Linux boot, if there is one.
 fn load_configured_kernel(config: &VmConfig, ram: &GuestRam) -> Result<Option<LinuxEntry>> {
     config

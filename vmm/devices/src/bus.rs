@@ -144,6 +144,15 @@ impl Bus {
     }
 
     /// The registered ranges, `(base, len)`, in address order.
+    /// Removes every device (breaks reference cycles between buses and the devices that
+    /// map BARs onto them when a machine is torn down).
+    pub fn clear(&self) {
+        self.ranges
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     pub fn ranges(&self) -> Vec<(u64, u64)> {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
         ranges.iter().map(|(b, e)| (*b, e.len)).collect()
