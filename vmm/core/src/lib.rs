@@ -5,6 +5,7 @@
 //! [`InputHandle`]. Everything that touches KVM lives here; device models live in
 //! `vmm-devices` and see only offsets.
 
+pub mod coalesced;
 pub mod config;
 pub mod display;
 pub mod error;

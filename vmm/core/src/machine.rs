@@ -34,6 +34,7 @@ use vmm_devices::vram::DirtyPages;
 use vmm_devices::vram::Vram;
 use vmm_devices::{Bus, BusDevice, IrqLine, SystemControl, Timed};
 
+use crate::coalesced::CoalescedRing;
 use crate::config::{BootOrder, CharOutput, DriveKind, NicModel, VmConfig};
 use crate::error::{Result, VmmError};
 use crate::layout::*;
@@ -183,6 +184,8 @@ pub struct Machine {
     pub usb_keyboard: Option<HidInput>,
     /// Devices with timers the engine thread runs (besides the RTC).
     pub timed: Vec<Arc<Mutex<dyn Timed>>>,
+    /// Guest writes to the VGA window queued by KVM (see `coalesced.rs`).
+    pub coalesced: Option<Arc<CoalescedRing>>,
     /// Network cards in configuration order, each with its backend.
     pub nics: Vec<NicSlot>,
     /// The boot order to switch to after the first reset ("CD once").
@@ -594,6 +597,17 @@ impl Machine {
             vcpus.push((vcpu, reset_state));
         }
 
+        let coalesced = match vcpus.first() {
+            Some((vcpu, _)) => CoalescedRing::new(
+                &kvm,
+                &vm,
+                vcpu,
+                &[(VGA_WINDOW_START, VGA_WINDOW_SIZE as u32)],
+            )?
+            .map(Arc::new),
+            None => None,
+        };
+
         let mut initial_irqchips = Vec::new();
         for chip_id in [
             KVM_IRQCHIP_PIC_MASTER,
@@ -636,6 +650,7 @@ impl Machine {
             timed,
             boot_order_after_reset,
             nics,
+            coalesced,
             initial_irqchips,
             initial_pit,
             _resettables: vec![reset_control, port_a],

@@ -330,6 +330,8 @@ pub struct VcpuRunner {
     pub control: Arc<RunControl>,
     pub counters: Arc<ExitCounters>,
     pub observer: Arc<dyn VcpuObserver>,
+    /// Delayed MMIO writes to apply before handling each exit.
+    pub coalesced: Option<Arc<crate::coalesced::CoalescedRing>>,
 }
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -454,7 +456,11 @@ impl VcpuRunner {
     fn step(&mut self) -> Step {
         let c = self.counters.clone();
         let mut port_exit = None;
-        match self.vcpu.run() {
+        let exit = self.vcpu.run();
+        if let Some(ring) = &self.coalesced {
+            ring.drain(&self.mmio);
+        }
+        match exit {
             Ok(VcpuExit::IoIn(port, _)) => {
                 c.io_in.fetch_add(1, Ordering::Relaxed);
                 port_exit = Some((port, true));

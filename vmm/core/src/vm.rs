@@ -694,6 +694,7 @@ impl Engine {
                 control: self.control.clone(),
                 counters: c,
                 observer: self.signals.clone(),
+                coalesced: machine.coalesced.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -884,6 +885,9 @@ impl Engine {
                     shared: self.shared.display.clone(),
                 };
                 let before = handle.size();
+                if let Some(ring) = &m.coalesced {
+                    ring.drain(&m.mmio);
+                }
                 let guest_dirty = m.display_guest_dirty();
                 self.shared
                     .display

@@ -547,3 +547,54 @@ done: db 10, "DONE", 10, 0
     assert!(out.to_lowercase().contains("e9e9e9e9"), "{out}");
     vm.power_off().unwrap();
 }
+
+#[test]
+fn vga_window_writes_are_queued_without_exits_and_read_back_in_order() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 4096 byte writes to the VGA window (planes enabled, bit mask open; power-on odd/even
+    // mode sends even addresses to plane 0, which reads return), then reads: KVM's
+    // coalesced MMIO ring takes the writes without an exit each, and the first read (an
+    // exit) must see all of them applied, in order.
+    let body = r#"
+start:
+    cli
+    mov dx, 0x3c4
+    mov ax, 0x0f02
+    out dx, ax
+    mov dx, 0x3ce
+    mov ax, 0xff08
+    out dx, ax
+    mov ax, 0xa000
+    mov es, ax
+    xor di, di
+    mov cx, 0x1000
+    mov al, 0x5a
+    cld
+    rep stosb
+    mov byte [es:0x0ffe], 0xa5
+    mov al, [es:0x0ffe]
+    call hex8
+    mov al, [es:0x0800]
+    call hex8
+    PUTS done
+.halt:
+    hlt
+    jmp .halt
+done: db 10, "DONE", 10, 0
+"#;
+    let config = program_config(dir.path(), "vgaqueue", body);
+    let vm = VmHandle::create(config.clone()).unwrap();
+    vm.start().unwrap();
+    assert!(wait_for_text(&debugcon_path(&config), "DONE", LONG));
+    let out = std::fs::read_to_string(debugcon_path(&config)).unwrap();
+    assert!(out.to_lowercase().contains("a55a"), "{out}");
+    let exits = vm.stats().vcpus[0].exits.mmio_write;
+    assert!(
+        exits < 1000,
+        "{exits} MMIO write exits for 4097 window writes: the writes are not queued"
+    );
+    vm.power_off().unwrap();
+}
