@@ -12,6 +12,7 @@ fn main() {
     let result = match &cli.command {
         Some(cli::Command::Run(args)) => cli::run(args),
         Some(cli::Command::List) => cli::list(),
+        Some(cli::Command::Disk(command)) => cli::disk(command),
         None => {
             // The graphical app arrives with the desktop-app issue; until then say so.
             eprintln!("deskvm: the graphical window is not built yet; use `deskvm run --help` or `deskvm list`");
