@@ -17,7 +17,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # A test whose prerequisite (KVM, firmware, nasm) is missing prints "SKIPPED: reason" and
 # passes outside CI; under CI=true it fails, so nothing skips there.
 mkdir -p target
-cargo test --workspace --all-targets 2>&1 | tee target/test-output.txt
+# The widget and window tests need a display and a session bus: the suite runs under a
+# virtual X server and a private D-Bus session.
+xvfb-run -a dbus-run-session -- cargo test --workspace --all-targets 2>&1 | tee target/test-output.txt
 # One closing line for the whole suite.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' target/test-output.txt

@@ -1,6 +1,7 @@
 //! DeskVM: a desktop virtual-machine manager with its own KVM engine.
 #![forbid(unsafe_code)]
 
+mod app;
 mod cli;
 mod library;
 
@@ -8,16 +9,18 @@ use clap::Parser;
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // No arguments, or `gui`: the desktop app.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() || (args.len() == 1 && args[0] == "gui") {
+        app::run();
+        return;
+    }
     let cli = cli::Cli::parse();
     let result = match &cli.command {
         Some(cli::Command::Run(args)) => cli::run(args),
         Some(cli::Command::List) => cli::list(),
         Some(cli::Command::Disk(command)) => cli::disk(command),
-        None => {
-            // The graphical app arrives with the desktop-app issue; until then say so.
-            eprintln!("deskvm: the graphical window is not built yet; use `deskvm run --help` or `deskvm list`");
-            cli::list()
-        }
+        None => cli::list(),
     };
     if let Err(e) = result {
         eprintln!("deskvm: error: {e}");
