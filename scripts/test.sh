@@ -19,7 +19,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 mkdir -p target
 # The widget and window tests need a display and a session bus: the suite runs under a
 # virtual X server and a private D-Bus session.
-xvfb-run -a dbus-run-session -- cargo test --workspace --all-targets 2>&1 | tee target/test-output.txt
+xvfb-run -a dbus-run-session -- cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
 # One closing line for the whole suite.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' target/test-output.txt

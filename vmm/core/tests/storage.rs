@@ -92,7 +92,7 @@ fn grub_iso() -> Option<PathBuf> {
         require_tool("grub-mkrescue", &["--version"], "grub-common")?;
         require_tool("xorriso", &["-version"], "xorriso")?;
         require_tool("mformat", &["--version"], "mtools")?;
-        if !Path::new("/usr/lib/grub/i386-pc/eltorito.img").is_file() {
+        if !Path::new("/usr/lib/grub/i386-pc/cdboot.img").is_file() {
             return missing("GRUB's BIOS modules (Debian package grub-pc-bin)").and(None);
         }
         // Kept for the whole test run (the process ends with the tests).
