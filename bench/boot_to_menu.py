@@ -93,7 +93,8 @@ def command_for(engine: str, memory_mib: int, debugcon: Path) -> list[str]:
             "--boot-menu",
         ]
     return [
-        QEMU, "-enable-kvm", "-machine", "pc", "-nodefaults",
+        # The same hardware as DeskVM's default machine: a Cirrus card (with its VGA BIOS).
+        QEMU, "-enable-kvm", "-machine", "pc", "-nodefaults", "-vga", "cirrus",
         "-m", str(memory_mib),
         "-bios", str(BIOS),
         "-chardev", f"file,id=dbg,path={debugcon}",

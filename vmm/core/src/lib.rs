@@ -30,5 +30,6 @@ pub use error::VmmError;
 pub use machine::EngineOptions;
 pub use vcpu::ExitStats;
 pub use vm::{
-    DiskStats, Event, InputHandle, InputRoute, NicStats, VcpuStats, VmHandle, VmState, VmStats,
+    DiskStats, Event, InputHandle, InputRoute, NicStats, UsbDevice, VcpuStats, VmHandle, VmState,
+    VmStats,
 };

@@ -859,6 +859,34 @@ impl DirectBar for CirrusLinearBar {
 }
 
 impl Machine {
+    /// Plugs a USB HID device into its root port, or unplugs it (the guest sees a connect
+    /// change on the port).
+    pub fn set_usb_device(&mut self, device: crate::vm::UsbDevice, plugged: bool) -> Result<()> {
+        use crate::vm::UsbDevice;
+        let (port, slot) = match device {
+            UsbDevice::Tablet => (USB_TABLET_PORT, &mut self.tablet),
+            UsbDevice::Keyboard => (USB_KEYBOARD_PORT, &mut self.usb_keyboard),
+        };
+        let mut uhci = lock(&self.uhci);
+        if plugged == slot.is_some() {
+            return Ok(());
+        }
+        if plugged {
+            let hid = match device {
+                UsbDevice::Tablet => UsbHid::tablet(),
+                UsbDevice::Keyboard => UsbHid::keyboard(),
+            };
+            let input = hid.input();
+            uhci.attach(port, Box::new(hid))
+                .map_err(|e| VmmError::Device(format!("USB: {e}")))?;
+            *slot = Some(input);
+        } else {
+            uhci.detach(port);
+            *slot = None;
+        }
+        Ok(())
+    }
+
     /// Flushes and closes every drive's image (so qcow2 metadata is written and the image
     /// locks are released) before the machine goes away.
     pub fn close_drives(&self) {

@@ -124,6 +124,7 @@ enum Message {
     Reset(Sender<Result<()>>),
     PowerOff(Sender<Result<()>>),
     ChangeCdrom(Option<std::path::PathBuf>, bool, Sender<Result<()>>),
+    SetUsbDevice(UsbDevice, bool, Sender<Result<()>>),
     GuestReset,
     GuestPowerOff,
     VcpuFailed(usize, String),
@@ -231,6 +232,15 @@ pub struct VmHandle {
 #[derive(Clone)]
 pub struct InputHandle {
     shared: Arc<Shared>,
+}
+
+/// The USB input devices a VM can have plugged into its UHCI controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsbDevice {
+    /// The absolute-pointer tablet (no pointer grab needed).
+    Tablet,
+    /// A boot-protocol keyboard; keys go to it instead of PS/2.
+    Keyboard,
 }
 
 /// Where an input event went.
@@ -523,6 +533,12 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Plugs a USB device in (or pulls it out) while the VM runs, as a user would; the
+    /// choice is also kept for the next start of this handle.
+    pub fn set_usb_device(&self, device: UsbDevice, plugged: bool) -> Result<()> {
+        self.call(|reply| Message::SetUsbDevice(device, plugged, reply))
+    }
+
     /// Puts a new medium into the first CD-ROM drive, or ejects it (None). A guest that
     /// locked the tray gets an eject request and the change is refused, unless `force`.
     pub fn change_cdrom(&self, iso: Option<&std::path::Path>, force: bool) -> Result<()> {
@@ -626,6 +642,10 @@ impl Engine {
                 }
                 Message::ChangeCdrom(path, force, reply) => {
                     let r = self.change_cdrom(path, force);
+                    let _ = reply.send(r);
+                }
+                Message::SetUsbDevice(device, plugged, reply) => {
+                    let r = self.set_usb_device(device, plugged);
                     let _ = reply.send(r);
                 }
                 Message::GuestReset => {
@@ -795,6 +815,21 @@ impl Engine {
         }
         // The next start keeps the new medium.
         self.config.drives[index].path = path;
+        Ok(())
+    }
+
+    fn set_usb_device(&mut self, device: UsbDevice, plugged: bool) -> Result<()> {
+        match device {
+            UsbDevice::Tablet => self.config.input.usb_tablet = plugged,
+            UsbDevice::Keyboard => self.config.input.usb_keyboard = plugged,
+        }
+        let Some(m) = &mut self.machine else {
+            return Ok(());
+        };
+        m.set_usb_device(device, plugged)?;
+        if lock(&self.shared.devices).is_some() {
+            *lock(&self.shared.devices) = Some(LiveDevices::of(m));
+        }
         Ok(())
     }
 
