@@ -19,7 +19,7 @@ use vmm_devices::i440fx::I440fxHostBridge;
 use vmm_devices::i8042::I8042;
 use vmm_devices::ide::{Drive, PiixIde};
 use vmm_devices::net::NetworkCard;
-use vmm_devices::pci::{BarRegion, DirectBar, PciBarDevice, SharedPciFunction};
+use vmm_devices::pci::{BarRegion, DirectBar, PciBarDevice, SharedPciFunction, ROM_BAR};
 use vmm_devices::pci::{BusBarMapper, PciRoot};
 use vmm_devices::piix3::{PciIrqRouter, Piix3IsaBridge};
 use vmm_devices::reset::{ResetControl, SystemPortA};
@@ -41,6 +41,7 @@ use crate::layout::*;
 use crate::linux_boot::{load_linux, LinuxEntry};
 use crate::memory::{
     host_memory_bytes, BiosShadowWindow, FirmwareRom, FramebufferSlot, GuestRam, MemoryMap,
+    RomSlot, SLOT_ROM_FIRST,
 };
 use crate::net::NetBackend;
 use crate::storage::{ide_boot_path, ide_position, open_drive};
@@ -475,6 +476,14 @@ impl Machine {
         } else {
             Vec::new()
         };
+        if !rom.is_empty() {
+            mapper.set_direct(
+                PCI_VGA_SLOT.0,
+                PCI_VGA_SLOT.1,
+                ROM_BAR,
+                rom_bar(&vm, SLOT_ROM_FIRST, rom.clone()),
+            );
+        }
         let cirrus = Arc::new(Mutex::new(
             CirrusVga::new(vram, rom).map_err(|e| VmmError::Device(e.to_string()))?,
         ));
@@ -521,6 +530,14 @@ impl Machine {
                         .boot_file
                         .as_ref()
                         .and_then(|_| crate::firmware::load_nic_rom("e1000"));
+                    if let Some(image) = &rom {
+                        mapper.set_direct(
+                            slot,
+                            0,
+                            ROM_BAR,
+                            rom_bar(&vm, SLOT_ROM_FIRST + 1 + index as u32, image.clone()),
+                        );
+                    }
                     let c = Arc::new(Mutex::new(E1000::new(
                         mac,
                         ram.mem.clone(),
@@ -761,6 +778,44 @@ pub struct CirrusLinearBar {
     mmio: Arc<Bus>,
     /// Where the BAR is decoded and whether VRAM is mapped directly.
     placed: Mutex<Option<(BarRegion, bool)>>,
+}
+
+/// A ROM BAR served by a read-only KVM slot.
+struct RomBar {
+    slot: RomSlot,
+    mapped: Mutex<bool>,
+}
+
+impl DirectBar for RomBar {
+    fn map(&self, region: BarRegion) -> bool {
+        match self.slot.map(region.base, region.size) {
+            Ok(()) => {
+                *lock(&self.mapped) = true;
+                true
+            }
+            Err(e) => {
+                log::warn!("option ROM not mapped directly: {e}");
+                false
+            }
+        }
+    }
+
+    fn unmap(&self, _region: BarRegion) {
+        let mut mapped = lock(&self.mapped);
+        if *mapped {
+            if let Err(e) = self.slot.unmap() {
+                log::warn!("option ROM unmap: {e}");
+            }
+            *mapped = false;
+        }
+    }
+}
+
+fn rom_bar(vm: &Arc<VmFd>, slot: u32, image: Vec<u8>) -> Arc<RomBar> {
+    Arc::new(RomBar {
+        slot: RomSlot::new(vm.clone(), slot, image),
+        mapped: Mutex::new(false),
+    })
 }
 
 /// A BAR's bus accesses at `offset_base` + offset.

@@ -268,6 +268,98 @@ impl Drop for FramebufferSlot {
     }
 }
 
+/// First KVM slot for PCI expansion ROMs (one per function with a ROM).
+pub const SLOT_ROM_FIRST: u32 = 40;
+
+/// A PCI expansion ROM mapped as a read-only KVM slot wherever the guest puts the ROM BAR:
+/// the firmware copies option ROMs with tens of thousands of reads, which then never exit.
+/// Guest writes to it exit and are ignored (nothing is on the MMIO bus there).
+pub struct RomSlot {
+    vm: Arc<VmFd>,
+    slot: u32,
+    image: Vec<u8>,
+    /// The mapping for the current BAR size (the ROM padded with 0xff).
+    memory: Mutex<Option<(u64, GuestMemoryMmap)>>,
+}
+
+impl RomSlot {
+    pub fn new(vm: Arc<VmFd>, slot: u32, image: Vec<u8>) -> Self {
+        Self {
+            vm,
+            slot,
+            image,
+            memory: Mutex::new(None),
+        }
+    }
+
+    /// Maps the ROM at `base` for a BAR of `size` bytes.
+    pub fn map(&self, base: u64, size: u64) -> Result<()> {
+        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        if memory.as_ref().map(|(s, _)| *s) != Some(size) {
+            let mem =
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).map_err(|e| {
+                    VmmError::GuestMemory {
+                        mib: size >> 20,
+                        reason: e.to_string(),
+                    }
+                })?;
+            let mut padded = vec![0xffu8; size as usize];
+            let n = self.image.len().min(padded.len());
+            padded[..n].copy_from_slice(&self.image[..n]);
+            mem.write_slice(&padded, GuestAddress(0))
+                .map_err(|e| VmmError::GuestMemory {
+                    mib: size >> 20,
+                    reason: e.to_string(),
+                })?;
+            *memory = Some((size, mem));
+        }
+        let Some((_, mem)) = memory.as_ref() else {
+            return Ok(());
+        };
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| VmmError::GuestMemory {
+                mib: size >> 20,
+                reason: e.to_string(),
+            })? as u64;
+        let region = kvm_userspace_memory_region {
+            slot: self.slot,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: base,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: `host..host + size` is the mapping held in `self.memory`, which is only
+        // replaced after the slot is removed (`unmap`) and lives as long as this object;
+        // `Drop` removes the slot.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION (option ROM)"))
+    }
+
+    pub fn unmap(&self) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot: self.slot,
+            ..Default::default()
+        };
+        // SAFETY: a zero-sized region deletes the slot; no memory is referenced.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION (option ROM)"))
+    }
+}
+
+impl Drop for RomSlot {
+    fn drop(&mut self) {
+        if self
+            .memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            let _ = self.unmap();
+        }
+    }
+}
+
 /// Owns the KVM memory slots of a VM and re-maps the BIOS area when PAM changes.
 pub struct MemoryMap {
     vm: Arc<VmFd>,
