@@ -19,21 +19,12 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vmm::{
-    BootOrder, CharOutput, DriveConfig, DriveKind, Event, VmConfig, VmHandle, VmmError, VncConfig,
-};
+use vmm::{BootOrder, DriveConfig, DriveKind, Event, VmConfig, VmHandle, VmmError, VncConfig};
 
 /// How long a text screen must stay unchanged to count as drawn.
 const SETTLE: Duration = Duration::from_millis(500);
 
 // ---- prerequisites and VM set-up ------------------------------------------------------
-
-fn require_tool(program: &str, version_arg: &str, package: &str) -> Option<()> {
-    match Command::new(program).arg(version_arg).output() {
-        Ok(_) => Some(()),
-        Err(_) => missing(&format!("{program} (Debian package {package})")),
-    }
-}
 
 const VGABIOS: &str = "/usr/share/seabios/vgabios-cirrus.bin";
 
@@ -43,18 +34,6 @@ fn require_vgabios() -> Option<()> {
     } else {
         missing("vgabios-cirrus.bin (Debian package seabios)")
     }
-}
-
-/// A SeaBIOS VM with a debug console log in `dir`.
-fn seabios_config(dir: &Path, name: &str, bios: PathBuf) -> VmConfig {
-    let mut config = VmConfig {
-        name: name.into(),
-        memory_mib: 128,
-        debugcon: CharOutput::File(dir.join(format!("{name}.debugcon"))),
-        ..VmConfig::default()
-    };
-    config.firmware.bios = Some(bios);
-    config
 }
 
 static NEXT_DISPLAY: AtomicU16 = AtomicU16::new(0);
@@ -140,13 +119,13 @@ fn seabios_text_screen_reaches_a_real_vnc_client_and_ocr() {
     let Some(bios) = require_seabios() else {
         return;
     };
-    if require_tool("vncsnapshot", "-h", "vncsnapshot").is_none()
-        || require_tool("tesseract", "--version", "tesseract-ocr").is_none()
+    if require_program("vncsnapshot", "-h", "vncsnapshot").is_none()
+        || require_program("tesseract", "--version", "tesseract-ocr").is_none()
     {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut config = seabios_config(dir.path(), "vnc-text", bios);
+    let mut config = seabios_config(dir.path(), "vnc-text", bios, 128);
     config.firmware.boot_menu = true;
     config.firmware.boot_menu_timeout_ms = Some(60_000);
     let vm = create_with_vnc(config);
@@ -285,7 +264,7 @@ fn static_text_screen_is_only_recomposed_for_the_cursor() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut config = seabios_config(dir.path(), "static", bios);
+    let mut config = seabios_config(dir.path(), "static", bios, 128);
     config.firmware.boot_menu = true;
     config.firmware.boot_menu_timeout_ms = Some(60_000);
     let vm = VmHandle::create(config).unwrap();
@@ -554,7 +533,7 @@ fn run_vbe_mode(mode: u16, width: u32, height: u32, bits_per_pixel: u32) {
     };
     let dir = tempfile::tempdir().unwrap();
     let disk = vbe_disk(dir.path(), mode);
-    let mut config = seabios_config(dir.path(), &format!("vbe-{mode:x}"), bios);
+    let mut config = seabios_config(dir.path(), &format!("vbe-{mode:x}"), bios, 128);
     config.drives = vec![DriveConfig {
         kind: DriveKind::Disk,
         path: Some(disk),
@@ -571,9 +550,9 @@ fn run_vbe_mode(mode: u16, width: u32, height: u32, bits_per_pixel: u32) {
     assert!(
         wait_for_text(&log, "VBE-DONE", LONG),
         "the guest never finished drawing:\n{}",
-        tail(&read(&log))
+        tail(&read_text(&log))
     );
-    let out = read(&log);
+    let out = read_text(&log);
     let pitch = width * bits_per_pixel.div_ceil(8);
     let expected = format!("VBE {pitch:04x} {width:04x} {height:04x} {bits_per_pixel:02x} ");
     assert!(
@@ -669,10 +648,6 @@ fn check_red_over_blue(
 
 fn collect_events(events: &Receiver<Event>) -> Vec<Event> {
     events.try_iter().collect()
-}
-
-fn read(p: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
 }
 
 fn tail(text: &str) -> &str {

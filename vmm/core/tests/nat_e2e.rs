@@ -1293,6 +1293,46 @@ fn port_taken_is_a_clear_error(result: Result<NetBackend, NetError>, port: u16) 
     }
 }
 
+/// The checks every card goes through against the NAT, as a module of tests named after
+/// the card: `$guest` builds a guest driving that card for a NAT config.
+macro_rules! nat_checks_for_card {
+    ($card:ident, $guest:ident) => {
+        mod $card {
+            use super::*;
+
+            #[test]
+            fn dhcp_offers_address_router_dns_and_boot_file() {
+                dhcp_with_boot_file(&mut $guest(&boot_file_config()).unwrap());
+            }
+
+            #[test]
+            fn tcp_connection_to_a_host_server() {
+                tcp_to_host(&mut $guest(&NatConfig::default()).unwrap());
+            }
+
+            #[test]
+            fn host_forward_reaches_the_guest() {
+                let port = free_port();
+                host_to_guest_forward(&mut $guest(&forward_config(port, 22)).unwrap(), port);
+            }
+
+            #[test]
+            fn malformed_frames_do_not_break_the_nat() {
+                malformed_frames_then_dhcp(&mut $guest(&NatConfig::default()).unwrap());
+            }
+        }
+    };
+}
+
+/// A forward whose host port is taken fails when the card's backend starts.
+fn forward_of_a_taken_port_fails_at_start<D: GuestDriver>(
+    guest: fn(&NatConfig) -> Result<Guest<D>, NetError>,
+) {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    port_taken_is_a_clear_error(guest(&forward_config(port, 22)).map(|g| g.backend), port);
+}
+
 fn boot_file_config() -> NatConfig {
     NatConfig {
         boot_file: Some("pxelinux.0".into()),
@@ -1302,68 +1342,20 @@ fn boot_file_config() -> NatConfig {
 
 // ---- e1000 ----
 
-#[test]
-fn e1000_dhcp_offers_address_router_dns_and_boot_file() {
-    dhcp_with_boot_file(&mut e1000_guest(&boot_file_config()).unwrap());
-}
-
-#[test]
-fn e1000_tcp_connection_to_a_host_server() {
-    tcp_to_host(&mut e1000_guest(&NatConfig::default()).unwrap());
-}
-
-#[test]
-fn e1000_host_forward_reaches_the_guest() {
-    let port = free_port();
-    host_to_guest_forward(&mut e1000_guest(&forward_config(port, 22)).unwrap(), port);
-}
-
-#[test]
-fn e1000_malformed_frames_do_not_break_the_nat() {
-    malformed_frames_then_dhcp(&mut e1000_guest(&NatConfig::default()).unwrap());
-}
+nat_checks_for_card!(e1000, e1000_guest);
 
 #[test]
 fn e1000_forward_of_a_taken_port_fails_at_start() {
-    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
-    port_taken_is_a_clear_error(
-        e1000_guest(&forward_config(port, 22)).map(|g| g.backend),
-        port,
-    );
+    forward_of_a_taken_port_fails_at_start(e1000_guest);
 }
 
 // ---- RTL8139 (C+ mode) ----
 
-#[test]
-fn rtl8139_dhcp_offers_address_router_dns_and_boot_file() {
-    dhcp_with_boot_file(&mut rtl8139_guest(&boot_file_config()).unwrap());
-}
-
-#[test]
-fn rtl8139_tcp_connection_to_a_host_server() {
-    tcp_to_host(&mut rtl8139_guest(&NatConfig::default()).unwrap());
-}
-
-#[test]
-fn rtl8139_host_forward_reaches_the_guest() {
-    let port = free_port();
-    host_to_guest_forward(&mut rtl8139_guest(&forward_config(port, 22)).unwrap(), port);
-}
-
-#[test]
-fn rtl8139_malformed_frames_do_not_break_the_nat() {
-    malformed_frames_then_dhcp(&mut rtl8139_guest(&NatConfig::default()).unwrap());
-}
+nat_checks_for_card!(rtl8139, rtl8139_guest);
 
 #[test]
 fn rtl8139_forward_of_a_taken_port_fails_at_start() {
-    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
-    port_taken_is_a_clear_error(
-        rtl8139_guest(&forward_config(port, 22)).map(|g| g.backend),
-        port,
-    );
+    forward_of_a_taken_port_fails_at_start(rtl8139_guest);
 }
 
 /// More frames than the C+ receive ring holds arrive while the guest is not looking; the
@@ -1409,26 +1401,4 @@ fn rtl8139_frames_beyond_the_ring_are_held_and_delivered_later() {
 
 // ---- virtio-net (legacy interface) ----
 
-#[test]
-fn virtio_net_dhcp_offers_address_router_dns_and_boot_file() {
-    dhcp_with_boot_file(&mut virtio_net_guest(&boot_file_config()).unwrap());
-}
-
-#[test]
-fn virtio_net_tcp_connection_to_a_host_server() {
-    tcp_to_host(&mut virtio_net_guest(&NatConfig::default()).unwrap());
-}
-
-#[test]
-fn virtio_net_host_forward_reaches_the_guest() {
-    let port = free_port();
-    host_to_guest_forward(
-        &mut virtio_net_guest(&forward_config(port, 22)).unwrap(),
-        port,
-    );
-}
-
-#[test]
-fn virtio_net_malformed_frames_do_not_break_the_nat() {
-    malformed_frames_then_dhcp(&mut virtio_net_guest(&NatConfig::default()).unwrap());
-}
+nat_checks_for_card!(virtio_net, virtio_net_guest);

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use vmm::{CharOutput, InputRoute, VmConfig, VmHandle, VmState};
+use vmm::{CharOutput, InputRoute, VmConfig, VmState};
 
 const KEY_ESC: u16 = 1;
 
@@ -32,22 +32,15 @@ fn seabios_reaches_boot_selection_and_esc_opens_the_boot_menu() {
     config.firmware.bios = Some(bios);
     config.firmware.boot_menu = true;
     config.firmware.boot_menu_timeout_ms = Some(30_000);
-    let vm = VmHandle::create(config).unwrap();
-    vm.start().unwrap();
-
-    assert!(
-        wait_for_text(&log, "Press ESC for boot menu", LONG),
-        "{}",
-        read(&log)
-    );
+    let (vm, _) = start_until_debugcon_shows(config, "Press ESC for boot menu");
     assert_eq!(vm.input().tap(KEY_ESC), InputRoute::Ps2Keyboard);
     assert!(
         wait_for_text(&log, "Select boot device", LONG),
         "{}",
-        read(&log)
+        read_text(&log)
     );
 
-    let text = read(&log);
+    let text = read_text(&log);
     for expected in [
         "SeaBIOS (version",
         "Running on QEMU (i440fx)",
@@ -72,8 +65,4 @@ fn seabios_reaches_boot_selection_and_esc_opens_the_boot_menu() {
     assert_eq!(vm.state(), VmState::Running);
     vm.power_off().unwrap();
     assert!(dir.path().join("nvram.toml").is_file(), "NVRAM not saved");
-}
-
-fn read(p: &std::path::Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
 }

@@ -27,25 +27,6 @@ use vmm::{BootOrder, CharOutput, DriveConfig, DriveKind, VmConfig, VmHandle, VmS
 /// Booting GRUB from the CD took about 36 s under QEMU+KVM on the nested-KVM hosts.
 const GRUB_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn read_text(path: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
-fn tool_works(program: &str, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn require_tool(program: &str, args: &[&str], package: &str) -> Option<()> {
-    if tool_works(program, args) {
-        Some(())
-    } else {
-        missing(&format!("{program} (Debian package {package})"))
-    }
-}
-
 fn drive(kind: DriveKind, path: Option<PathBuf>) -> DriveConfig {
     DriveConfig {
         kind,
@@ -54,16 +35,10 @@ fn drive(kind: DriveKind, path: Option<PathBuf>) -> DriveConfig {
     }
 }
 
-/// A config that boots SeaBIOS with its debug console in `dir`.
-fn seabios_config(dir: &Path, name: &str, bios: PathBuf, memory_mib: u64) -> VmConfig {
-    let mut config = VmConfig {
-        name: name.into(),
-        memory_mib,
-        debugcon: CharOutput::File(dir.join(format!("{name}.debugcon"))),
-        serial: CharOutput::File(dir.join(format!("{name}.serial"))),
-        ..VmConfig::default()
-    };
-    config.firmware.bios = Some(bios);
+/// A config that boots SeaBIOS with its debug console and COM1 into `dir`.
+fn seabios_serial_config(dir: &Path, name: &str, bios: PathBuf, memory_mib: u64) -> VmConfig {
+    let mut config = seabios_config(dir, name, bios, memory_mib);
+    config.serial = CharOutput::File(dir.join(format!("{name}.serial")));
     config
 }
 
@@ -89,30 +64,9 @@ menuentry "entry-beta" {
 fn grub_iso() -> Option<PathBuf> {
     static ISO: OnceLock<Option<PathBuf>> = OnceLock::new();
     ISO.get_or_init(|| {
-        require_tool("grub-mkrescue", &["--version"], "grub-common")?;
-        require_tool("xorriso", &["-version"], "xorriso")?;
-        require_tool("mformat", &["--version"], "mtools")?;
-        if !Path::new("/usr/lib/grub/i386-pc/cdboot.img").is_file() {
-            return missing("GRUB's BIOS modules (Debian package grub-pc-bin)").and(None);
-        }
         // Kept for the whole test run (the process ends with the tests).
         let dir = tempfile::tempdir().unwrap().keep();
-        let root = dir.join("root");
-        std::fs::create_dir_all(root.join("boot/grub")).unwrap();
-        std::fs::write(root.join("boot/grub/grub.cfg"), GRUB_CFG).unwrap();
-        let iso = dir.join("grub-rescue.iso");
-        let out = Command::new("grub-mkrescue")
-            .arg("-o")
-            .arg(&iso)
-            .arg(&root)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "grub-mkrescue failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(iso)
+        grub_rescue_iso(&dir, "grub-rescue.iso", GRUB_CFG, "cdboot.img")
     })
     .clone()
 }
@@ -129,7 +83,7 @@ fn grub_rescue_iso_boots_from_the_ide_cdrom_and_its_menu_obeys_the_serial_port()
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut config = seabios_config(dir.path(), "grub", bios, 256);
+    let mut config = seabios_serial_config(dir.path(), "grub", bios, 256);
     config.drives = vec![
         drive(
             DriveKind::Disk,
@@ -371,7 +325,7 @@ fn data_a_guest_writes_through_int13_survives_power_off_and_passes_qemu_img_chec
     let data_disk = dir.path().join("data.qcow2");
     create(&data_disk, ImageFormat::Qcow2, 16 << 20, None).unwrap();
 
-    let mut config = seabios_config(dir.path(), "int13", bios, 64);
+    let mut config = seabios_serial_config(dir.path(), "int13", bios, 64);
     config.drives = vec![
         drive(DriveKind::Disk, Some(boot_disk.clone())),
         drive(DriveKind::Disk, Some(data_disk.clone())),
@@ -467,7 +421,7 @@ fn cdrom_media_can_be_changed_and_ejected_while_running() {
     let dir = tempfile::tempdir().unwrap();
     let iso = dir.path().join("media.iso");
     std::fs::write(&iso, vec![0u8; 64 * 2048]).unwrap();
-    let mut config = seabios_config(dir.path(), "cdchange", bios.clone(), 64);
+    let mut config = seabios_serial_config(dir.path(), "cdchange", bios.clone(), 64);
     config.drives = vec![
         drive(DriveKind::Disk, Some(raw_disk(dir.path(), "disk.img", &[]))),
         drive(
@@ -506,7 +460,7 @@ fn cdrom_media_can_be_changed_and_ejected_while_running() {
     drop(vm);
 
     // A VM without a CD-ROM drive says so.
-    let mut config = seabios_config(dir.path(), "nocd", bios, 64);
+    let mut config = seabios_serial_config(dir.path(), "nocd", bios, 64);
     config.drives = vec![drive(
         DriveKind::Disk,
         Some(raw_disk(dir.path(), "disk3.img", &[])),
@@ -549,7 +503,7 @@ fn unusable_images_fail_vm_creation_with_the_file_and_the_problem_and_stay_uncha
     let dir = tempfile::tempdir().unwrap();
     let good = qcow2_image(dir.path(), "good.qcow2");
     let base = {
-        let mut c = seabios_config(dir.path(), "bad-images", bios, 64);
+        let mut c = seabios_serial_config(dir.path(), "bad-images", bios, 64);
         c.serial = CharOutput::None;
         c.debugcon = CharOutput::None;
         c

@@ -13,7 +13,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -27,19 +26,9 @@ const KEY_DOWN: u16 = 108;
 /// GRUB under KVM here shows its menu after about 36 s; allow much more.
 const GRUB_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn read(p: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
-}
-
 /// SeaBIOS with its boot menu offered for a long time, the debug console into `dir`.
 fn seabios_config(dir: &Path, name: &str, usb_keyboard: bool, usb_tablet: bool) -> VmConfig {
-    let mut config = VmConfig {
-        name: name.into(),
-        memory_mib: 128,
-        debugcon: CharOutput::File(dir.join(format!("{name}.debugcon"))),
-        ..VmConfig::default()
-    };
-    config.firmware.bios = Some(PathBuf::from(SEABIOS));
+    let mut config = common::seabios_config(dir, name, PathBuf::from(SEABIOS), 128);
     config.firmware.boot_menu = true;
     config.firmware.boot_menu_timeout_ms = Some(60_000);
     config.input.usb_keyboard = usb_keyboard;
@@ -63,15 +52,8 @@ fn seabios_enumerates_uhci_and_the_usb_keyboard_but_not_the_tablet() {
     }
     let dir = tempfile::tempdir().unwrap();
     let config = seabios_config(dir.path(), "usb-enum", true, true);
-    let log = debugcon_path(&config);
-    let vm = VmHandle::create(config).unwrap();
-    vm.start().unwrap();
-    assert!(
-        wait_for_text(&log, "Press ESC for boot menu", LONG),
-        "{}",
-        read(&log)
-    );
-    let text = read(&log);
+    let (vm, log) = start_until_debugcon_shows(config, "Press ESC for boot menu");
+    let text = read_text(&log);
     for expected in [
         "PCI: init bdf=00:01.2 id=8086:7020",
         "UHCI init on dev 00:01.2",
@@ -95,21 +77,14 @@ fn esc_on_the_usb_keyboard_opens_the_seabios_boot_menu() {
     }
     let dir = tempfile::tempdir().unwrap();
     let config = seabios_config(dir.path(), "usb-esc", true, false);
-    let log = debugcon_path(&config);
-    let vm = VmHandle::create(config).unwrap();
-    vm.start().unwrap();
-    assert!(
-        wait_for_text(&log, "Press ESC for boot menu", LONG),
-        "{}",
-        read(&log)
-    );
-    assert!(read(&log).contains("USB keyboard initialized"));
+    let (vm, log) = start_until_debugcon_shows(config, "Press ESC for boot menu");
+    assert!(read_text(&log).contains("USB keyboard initialized"));
     // The key goes to the USB keyboard only: the PS/2 keyboard never sees it.
     assert_eq!(vm.input().tap(KEY_ESC), InputRoute::UsbKeyboard);
     assert!(
         wait_for_text(&log, "Select boot device", LONG),
         "Esc through the USB keyboard did not open the boot menu:\n{}",
-        read(&log)
+        read_text(&log)
     );
     let stats = vm.stats();
     assert_eq!(
@@ -195,45 +170,13 @@ menuentry "usb-e2e second entry" {
 }
 "#;
 
-/// Builds a GRUB rescue ISO with [`GRUB_CFG`], or says what is missing.
-fn grub_rescue_iso(dir: &Path) -> Option<PathBuf> {
-    for (tool, package) in [
-        ("grub-mkrescue", "grub-common"),
-        ("xorriso", "xorriso"),
-        ("mformat", "mtools"),
-    ] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            return missing(&format!("{tool} (Debian package {package})")).map(|_| PathBuf::new());
-        }
-    }
-    if !Path::new("/usr/lib/grub/i386-pc/uhci.mod").is_file() {
-        return missing("GRUB's BIOS modules (Debian package grub-pc-bin)").map(|_| PathBuf::new());
-    }
-    let tree = dir.join("iso");
-    std::fs::create_dir_all(tree.join("boot/grub")).unwrap();
-    std::fs::write(tree.join("boot/grub/grub.cfg"), GRUB_CFG).unwrap();
-    let iso = dir.join("grub-usb.iso");
-    let out = Command::new("grub-mkrescue")
-        .arg("-o")
-        .arg(&iso)
-        .arg(&tree)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && iso.is_file(),
-        "grub-mkrescue failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(iso)
-}
-
 #[test]
 fn grub_usb_keyboard_driver_picks_the_second_menu_entry() {
     if require_kvm().is_none() || require_seabios().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let Some(iso) = grub_rescue_iso(dir.path()) else {
+    let Some(iso) = grub_rescue_iso(dir.path(), "grub-usb.iso", GRUB_CFG, "uhci.mod") else {
         return;
     };
     let serial = dir.path().join("grub.serial");
@@ -259,11 +202,11 @@ fn grub_usb_keyboard_driver_picks_the_second_menu_entry() {
         wait_for_text(&serial, "usb-e2e second entry", GRUB_TIMEOUT),
         "GRUB's menu did not appear on the serial port; state {:?}\nserial:\n{}\nscreen:\n{}\ndebugcon:\n{}",
         vm.state(),
-        read(&serial),
+        read_text(&serial),
         vm.display().text_screen().unwrap_or_default(),
-        read(&dir.path().join("grub-usb.debugcon"))
+        read_text(&dir.path().join("grub-usb.debugcon"))
     );
-    let before_keys = read(&serial);
+    let before_keys = read_text(&serial);
     assert!(before_keys.contains("usb-e2e-grub-ready"), "{before_keys}");
     // GRUB's `usb` command lists the boot keyboard it enumerated on the UHCI root port,
     // and its driver became an input terminal.
@@ -287,9 +230,9 @@ fn grub_usb_keyboard_driver_picks_the_second_menu_entry() {
     assert!(
         wait_for_text(&serial, "usb-e2e-marker-SECOND", GRUB_TIMEOUT),
         "Down + Enter on the USB keyboard did not start the second entry:\n{}",
-        read(&serial)
+        read_text(&serial)
     );
-    assert!(!read(&serial).contains("usb-e2e-marker-FIRST"));
+    assert!(!read_text(&serial).contains("usb-e2e-marker-FIRST"));
     vm.power_off().unwrap();
 }
 
@@ -358,8 +301,8 @@ done: db ' done', 10, 0
     let log = debugcon_path(&config);
     let vm = VmHandle::create(config).unwrap();
     vm.start().unwrap();
-    assert!(wait_for_text(&log, " done", LONG), "{}", read(&log));
-    let text = read(&log);
+    assert!(wait_for_text(&log, " done", LONG), "{}", read_text(&log));
+    let text = read_text(&log);
     // Status 0x58 after the command (DRQ), then word 0 = 0x85c0 and DRQ clear.
     assert!(
         text.starts_with("58 85c0 "),

@@ -836,8 +836,7 @@ impl E1000 {
     /// Drives INTA# and the configuration status bit from `irq_asserted`.
     fn drive_irq(&mut self) {
         let asserted = self.state.irq_asserted;
-        self.config.set_interrupt_status(asserted);
-        self.irq.set_level(asserted && !self.config.intx_disabled());
+        self.config.drive_intx(self.irq.as_ref(), asserted);
     }
 
     // ---- transmit ----

@@ -15,6 +15,7 @@
 //! bus-master arbitration and parity / SERR signalling.
 
 use crate::bus::{Bus, BusDevice, SharedDevice};
+use crate::irq::IrqLine;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -393,6 +394,19 @@ impl PciConfigSpace {
             status & !STATUS_INTERRUPT
         };
         self.set_u16(REG_STATUS, status);
+    }
+
+    /// Records `asserted` in status bit 3 and returns the level INTx# must have: low
+    /// while the guest masks INTx (command bit 10), `asserted` otherwise.
+    pub fn intx_level(&mut self, asserted: bool) -> bool {
+        self.set_interrupt_status(asserted);
+        asserted && !self.intx_disabled()
+    }
+
+    /// Records `asserted` in status bit 3 and drives `irq` to the INTx# level that follows
+    /// from it and the command register's INTx mask.
+    pub fn drive_intx(&mut self, irq: &dyn IrqLine, asserted: bool) {
+        irq.set_level(self.intx_level(asserted));
     }
 
     // ---- BARs ----
@@ -1314,6 +1328,25 @@ mod tests {
             }
             found.push((bdf, m.readw(bdf, 0), m.readw(bdf, 2)));
         }
+    }
+
+    #[test]
+    fn drive_intx_sets_the_status_bit_and_the_line_unless_the_guest_masks_intx() {
+        let irq = crate::irq::CountingIrq::new();
+        let mut config = PciConfigSpace::new();
+        config.drive_intx(irq.as_ref(), true);
+        assert!(irq.level());
+        assert_ne!(config.read_u16(REG_STATUS) & STATUS_INTERRUPT, 0);
+
+        config.write(REG_COMMAND, &COMMAND_INTX_DISABLE.to_le_bytes());
+        config.drive_intx(irq.as_ref(), true);
+        assert!(!irq.level(), "a masked INTx must stay low");
+        assert_ne!(config.read_u16(REG_STATUS) & STATUS_INTERRUPT, 0);
+
+        config.drive_intx(irq.as_ref(), false);
+        assert!(!irq.level());
+        assert_eq!(config.read_u16(REG_STATUS) & STATUS_INTERRUPT, 0);
+        assert!(!config.intx_level(false));
     }
 
     #[test]

@@ -816,8 +816,7 @@ impl Rtl8139 {
     fn update_irq(&mut self) {
         let asserted = self.state.isr & self.state.imr != 0;
         self.state.irq_asserted = asserted;
-        self.config.set_interrupt_status(asserted);
-        self.irq.set_level(asserted && !self.config.intx_disabled());
+        self.config.drive_intx(self.irq.as_ref(), asserted);
     }
 
     fn raise(&mut self, bits: u16) {

@@ -497,8 +497,7 @@ impl Uhci {
             || (status & STS_ERROR != 0 && enable & INTR_TIMEOUT_CRC != 0)
             || (status & STS_RESUME != 0 && enable & INTR_RESUME != 0)
             || status & (STS_HSE | STS_HCPE) != 0;
-        self.config.set_interrupt_status(asserted);
-        let level = asserted && !self.config.intx_disabled();
+        let level = self.config.intx_level(asserted);
         if level != self.irq_level {
             self.irq_level = level;
             self.irq.set_level(level);

@@ -553,9 +553,7 @@ impl VirtioPciTransport {
 
     fn update_intx(&mut self) {
         let asserted = self.state.isr != 0 && !self.msix_enabled();
-        self.state.config.set_interrupt_status(asserted);
-        self.irq
-            .set_level(asserted && !self.state.config.intx_disabled());
+        self.state.config.drive_intx(self.irq.as_ref(), asserted);
     }
 
     fn send_vector(&mut self, vector: u16) {

@@ -45,6 +45,15 @@ fn s(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `qemu-img create -q -f qcow2 <options> <image> [<size>]`.
+fn qemu_img_create(image: &Path, options: &[&str], size: Option<&str>) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(options);
+    args.push(s(image));
+    args.extend(size);
+    run_ok("qemu-img", &args);
+}
+
 /// `qemu-img check` exit status: 0 clean, 2 corruption, 3 leaks only.
 fn check_status(path: &Path) -> (i32, String) {
     let out = run("qemu-img", &["check", "-f", "qcow2", s(path)]);
@@ -143,10 +152,7 @@ fn create_is_byte_identical_to_qemu_img_create() {
     let base_ours = dir.path().join("ours.qcow2");
     let base_qemu = dir.path().join("qemu.qcow2");
     create(&base_ours, ImageFormat::Qcow2, 10 << 30, None).unwrap();
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", s(&base_qemu), "10G"],
-    );
+    qemu_img_create(&base_qemu, &[], Some("10G"));
     assert_eq!(
         std::fs::read(&base_ours).unwrap(),
         std::fs::read(&base_qemu).unwrap()
@@ -161,20 +167,7 @@ fn create_is_byte_identical_to_qemu_img_create() {
         Some(Path::new("qemu.qcow2")),
     )
     .unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "qemu.qcow2",
-            "-F",
-            "qcow2",
-            s(&top_qemu),
-        ],
-    );
+    qemu_img_create(&top_qemu, &["-b", "qemu.qcow2", "-F", "qcow2"], None);
     assert_eq!(
         std::fs::read(&top_ours).unwrap(),
         std::fs::read(&top_qemu).unwrap()
@@ -201,7 +194,7 @@ fn reads_what_qemu_io_wrote_with_and_without_backing() {
     let top = dir.path().join("top.qcow2");
     let raw_base = dir.path().join("base.raw");
     let raw_top = dir.path().join("rtop.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    qemu_img_create(&base, &[], Some("4M"));
     run_ok(
         "qemu-io",
         &[
@@ -223,20 +216,7 @@ fn reads_what_qemu_io_wrote_with_and_without_backing() {
     }
 
     // Overlay: a partial write, and a zero cluster hiding backing data.
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    qemu_img_create(&top, &["-b", "base.qcow2", "-F", "qcow2"], None);
     run_ok(
         "qemu-io",
         &[
@@ -261,21 +241,7 @@ fn reads_what_qemu_io_wrote_with_and_without_backing() {
 
     // Raw backing file, overlay larger than its backing file.
     std::fs::write(&raw_base, vec![0x77u8; 1 << 20]).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&raw_top),
-            "2M",
-        ],
-    );
+    qemu_img_create(&raw_top, &["-b", "base.raw", "-F", "raw"], Some("2M"));
     run_ok("qemu-io", &["-c", "write -P 0x33 512k 512", s(&raw_top)]);
     {
         let mut disk = ro(&raw_top);
@@ -409,19 +375,7 @@ fn refcount_table_grows_with_small_clusters() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("small.qcow2");
     let mirror = dir.path().join("small.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            s(&image),
-            "16M",
-        ],
-    );
+    qemu_img_create(&image, &["-o", "cluster_size=512"], Some("16M"));
     let before = info(&image).unwrap();
     assert_eq!(before.cluster_size, Some(512));
     let mut model = vec![0u8; 16 << 20];
@@ -486,19 +440,7 @@ fn crash_without_flush_leaks_at_worst() {
     // would leave behind.
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("c.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            s(&image),
-            "64M",
-        ],
-    );
+    qemu_img_create(&image, &["-o", "cluster_size=4096"], Some("64M"));
     let mut model = vec![0u8; 64 << 20];
     let mut rng = Rng(99);
     let mut disk = rw(&image);
@@ -551,12 +493,8 @@ fn unsupported_and_damaged_images_give_the_right_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name);
     let qemu_create = |name: &str, opts: &[&str]| {
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        args.extend_from_slice(opts);
         let path = p(name);
-        args.push(path.to_str().unwrap());
-        args.push("1M");
-        run_ok("qemu-img", &args);
+        qemu_img_create(&path, opts, Some("1M"));
         path
     };
 

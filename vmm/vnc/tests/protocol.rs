@@ -155,15 +155,22 @@ fn vnc_authentication_failure_gives_reason_and_disconnects() {
     assert!(wait_until(|| f.server.client_count() == 0));
 }
 
-#[test]
-fn failed_auth_connection_is_closed() {
-    let f = fixture_with(32, 32, |c| c.password = Some("pw".into()));
-    let mut stream = connect_raw(f.addr()).unwrap();
+/// Connects, answers the version with RFB 3.8 and reads the server's list of one security
+/// type: (count, type).
+fn security_types_offered(addr: SocketAddr) -> (std::net::TcpStream, [u8; 2]) {
+    let mut stream = connect_raw(addr).unwrap();
     let mut version = [0u8; 12];
     stream.read_exact(&mut version).unwrap();
     stream.write_all(b"RFB 003.008\n").unwrap();
     let mut types = [0u8; 2];
     stream.read_exact(&mut types).unwrap();
+    (stream, types)
+}
+
+#[test]
+fn failed_auth_connection_is_closed() {
+    let f = fixture_with(32, 32, |c| c.password = Some("pw".into()));
+    let (mut stream, types) = security_types_offered(f.addr());
     assert_eq!(types, [1, 2]);
     stream.write_all(&[2]).unwrap();
     let mut challenge = [0u8; 16];
@@ -623,16 +630,21 @@ fn handshaken_raw(f: &Fixture) -> TestClient {
     TestClient::connect(f.addr()).unwrap()
 }
 
-#[test]
-fn bits_per_pixel_zero_disconnects() {
-    let f = fixture(16, 16);
-    let mut client = handshaken_raw(&f);
+/// Sends SetPixelFormat with XRGB8888 changed by `mutate` and expects the server to close.
+fn assert_bad_pixel_format_disconnects(f: &Fixture, mutate: fn(&mut [u8; 16])) {
+    let mut client = handshaken_raw(f);
     let mut bad = PixelFormat::XRGB8888.to_bytes();
-    bad[0] = 0;
+    mutate(&mut bad);
     let mut message = vec![0, 0, 0, 0];
     message.extend_from_slice(&bad);
     client.send(&message).unwrap();
     assert_closed(&mut client.stream);
+}
+
+#[test]
+fn bits_per_pixel_zero_disconnects() {
+    let f = fixture(16, 16);
+    assert_bad_pixel_format_disconnects(&f, |b| b[0] = 0);
     assert_server_healthy(&f);
 }
 
@@ -645,13 +657,7 @@ fn colour_map_and_impossible_formats_disconnect() {
         |b| b[10] = 40,
         |b| b[4..6].copy_from_slice(&[0, 0]),
     ] {
-        let mut client = handshaken_raw(&f);
-        let mut bad = PixelFormat::XRGB8888.to_bytes();
-        mutate(&mut bad);
-        let mut message = vec![0, 0, 0, 0];
-        message.extend_from_slice(&bad);
-        client.send(&message).unwrap();
-        assert_closed(&mut client.stream);
+        assert_bad_pixel_format_disconnects(&f, mutate);
     }
     assert_server_healthy(&f);
 }
@@ -749,12 +755,7 @@ fn garbage_version_disconnects() {
 #[test]
 fn invalid_security_type_choice_disconnects_with_reason() {
     let f = fixture(16, 16);
-    let mut stream = connect_raw(f.addr()).unwrap();
-    let mut version = [0u8; 12];
-    stream.read_exact(&mut version).unwrap();
-    stream.write_all(b"RFB 003.008\n").unwrap();
-    let mut types = [0u8; 2];
-    stream.read_exact(&mut types).unwrap();
+    let (mut stream, types) = security_types_offered(f.addr());
     assert_eq!(types, [1, 1]);
     stream.write_all(&[2]).unwrap();
     let mut result = [0u8; 4];

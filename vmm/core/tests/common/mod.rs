@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmm::{CharOutput, VmConfig};
+use vmm::{CharOutput, VmConfig, VmHandle};
 
 /// Reports a missing prerequisite: a failure under CI=true, a printed skip otherwise.
 pub fn missing(what: &str) -> Option<()> {
@@ -35,6 +35,27 @@ pub fn require_nasm() -> Option<()> {
     }
 }
 
+/// Requires `program` to run and exit successfully with `args` (a version query).
+pub fn require_tool(program: &str, args: &[&str], package: &str) -> Option<()> {
+    let works = Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works {
+        Some(())
+    } else {
+        missing(&format!("{program} (Debian package {package})"))
+    }
+}
+
+/// Requires `program` to start at all (for tools whose help exits with a failure).
+pub fn require_program(program: &str, arg: &str, package: &str) -> Option<()> {
+    match Command::new(program).arg(arg).output() {
+        Ok(_) => Some(()),
+        Err(_) => missing(&format!("{program} (Debian package {package})")),
+    }
+}
+
 pub const SEABIOS: &str = "/usr/share/seabios/bios.bin";
 
 pub fn require_seabios() -> Option<PathBuf> {
@@ -44,6 +65,56 @@ pub fn require_seabios() -> Option<PathBuf> {
     } else {
         missing("SeaBIOS (Debian package seabios)").map(|_| p)
     }
+}
+
+/// A config that boots `bios` with its debug console into `dir`/`name`.debugcon.
+pub fn seabios_config(dir: &Path, name: &str, bios: PathBuf, memory_mib: u64) -> VmConfig {
+    let mut config = VmConfig {
+        name: name.into(),
+        memory_mib,
+        debugcon: CharOutput::File(dir.join(format!("{name}.debugcon"))),
+        ..VmConfig::default()
+    };
+    config.firmware.bios = Some(bios);
+    config
+}
+
+/// Builds `dir`/`iso_name`, a GRUB rescue ISO whose grub.cfg is `grub_cfg`, or says
+/// which tool is missing. `module` is a GRUB BIOS file the ISO needs (for example
+/// `cdboot.img` or `uhci.mod` under /usr/lib/grub/i386-pc).
+pub fn grub_rescue_iso(
+    dir: &Path,
+    iso_name: &str,
+    grub_cfg: &str,
+    module: &str,
+) -> Option<PathBuf> {
+    require_tool("grub-mkrescue", &["--version"], "grub-common")?;
+    require_tool("xorriso", &["-version"], "xorriso")?;
+    require_tool("mformat", &["--version"], "mtools")?;
+    if !Path::new("/usr/lib/grub/i386-pc").join(module).is_file() {
+        return missing("GRUB's BIOS modules (Debian package grub-pc-bin)").and(None);
+    }
+    let root = dir.join(format!("{iso_name}.root"));
+    std::fs::create_dir_all(root.join("boot/grub")).unwrap();
+    std::fs::write(root.join("boot/grub/grub.cfg"), grub_cfg).unwrap();
+    let iso = dir.join(iso_name);
+    let out = Command::new("grub-mkrescue")
+        .arg("-o")
+        .arg(&iso)
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && iso.is_file(),
+        "grub-mkrescue failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(iso)
+}
+
+/// The text in `path` so far (empty when it does not exist yet).
+pub fn read_text(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
 }
 
 /// Assembles `source` with nasm into a flat binary.
@@ -147,9 +218,7 @@ pub fn program_config(dir: &Path, name: &str, body: &str) -> VmConfig {
 
 pub fn output_of(config: &VmConfig) -> String {
     match &config.debugcon {
-        CharOutput::File(p) => {
-            String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
-        }
+        CharOutput::File(p) => read_text(p),
         _ => String::new(),
     }
 }
@@ -173,6 +242,16 @@ pub fn debugcon_path(config: &VmConfig) -> PathBuf {
         CharOutput::File(p) => p.clone(),
         _ => panic!("debugcon is not a file"),
     }
+}
+
+/// Creates and starts a VM from `config`, waits until its debug console (a file) shows
+/// `needle` and returns the VM with that file.
+pub fn start_until_debugcon_shows(config: VmConfig, needle: &str) -> (VmHandle, PathBuf) {
+    let log = debugcon_path(&config);
+    let vm = VmHandle::create(config).unwrap();
+    vm.start().unwrap();
+    assert!(wait_for_text(&log, needle, LONG), "{}", read_text(&log));
+    (vm, log)
 }
 
 pub const LONG: Duration = Duration::from_secs(60);
