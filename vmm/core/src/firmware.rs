@@ -43,6 +43,27 @@ pub fn load_nic_rom(model: &str) -> Option<Vec<u8>> {
         .and_then(|p| std::fs::read(p).ok())
 }
 
+/// Rewrites the PCI vendor and device IDs in an option ROM's PCI data structure (so that the
+/// firmware runs it for a card with other IDs, as QEMU does for its virtio ROMs) and keeps
+/// the image's byte sum unchanged through the checksum byte at offset 6 (iPXE's). Returns
+/// false, leaving the image as it was, when it has no valid PCI data structure.
+pub fn patch_rom_ids(rom: &mut [u8], vendor: u16, device: u16) -> bool {
+    if rom.len() < 0x1a || rom[0] != 0x55 || rom[1] != 0xaa {
+        return false;
+    }
+    let pcir = usize::from(u16::from_le_bytes([rom[0x18], rom[0x19]]));
+    if pcir + 8 > rom.len() || &rom[pcir..pcir + 4] != b"PCIR" {
+        return false;
+    }
+    let sum_of = |r: &[u8]| r.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    let before = sum_of(&rom[pcir + 4..pcir + 8]);
+    rom[pcir + 4..pcir + 6].copy_from_slice(&vendor.to_le_bytes());
+    rom[pcir + 6..pcir + 8].copy_from_slice(&device.to_le_bytes());
+    let after = sum_of(&rom[pcir + 4..pcir + 8]);
+    rom[6] = rom[6].wrapping_sub(after.wrapping_sub(before));
+    true
+}
+
 /// The firmware file to use: the configured one, or the first found in the search path.
 pub fn locate_bios(configured: Option<&Path>) -> Result<PathBuf> {
     if let Some(path) = configured {
@@ -94,6 +115,28 @@ pub fn load_bios(path: &Path) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rom_ids_are_patched_and_the_sum_kept() {
+        let mut rom = vec![0u8; 512];
+        rom[0] = 0x55;
+        rom[1] = 0xaa;
+        rom[2] = 1;
+        rom[0x18] = 0x40;
+        rom[0x40..0x44].copy_from_slice(b"PCIR");
+        rom[0x44..0x48].copy_from_slice(&[0xf4, 0x1a, 0x41, 0x10]);
+        let sum = |r: &[u8]| r.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+        let before = sum(&rom);
+        assert!(patch_rom_ids(&mut rom, 0x1af4, 0x1000));
+        assert_eq!(&rom[0x44..0x48], &[0xf4, 0x1a, 0x00, 0x10]);
+        assert_eq!(sum(&rom), before);
+        let mut junk = vec![0u8; 64];
+        assert!(!patch_rom_ids(&mut junk, 1, 2));
+        let mut bad_pointer = rom.clone();
+        bad_pointer[0x18] = 0xff;
+        bad_pointer[0x19] = 0xff;
+        assert!(!patch_rom_ids(&mut bad_pointer, 1, 2));
+    }
 
     #[test]
     fn missing_configured_firmware_names_the_package() {

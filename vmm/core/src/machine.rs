@@ -526,25 +526,14 @@ impl Machine {
             let (sink, port) = NetBackend::channel().map_err(net_err)?;
             let (card, function, timed_card): CardParts = match nic.model {
                 NicModel::E1000 => {
-                    let rom = nic
-                        .boot_file
-                        .as_ref()
-                        .and_then(|_| crate::firmware::load_nic_rom("e1000"));
-                    if let Some(image) = &rom {
-                        mapper.set_direct(
-                            slot,
-                            0,
-                            ROM_BAR,
-                            rom_bar(&vm, SLOT_ROM_FIRST + 1 + index as u32, image.clone()),
-                        );
-                    }
+                    // The ROM BAR itself is served by the KVM slot set up below.
                     let c = Arc::new(Mutex::new(E1000::new(
                         mac,
                         ram.mem.clone(),
                         irq,
                         sink,
                         clock.clone(),
-                        rom,
+                        None,
                     )));
                     (c.clone(), c.clone(), c)
                 }
@@ -577,6 +566,35 @@ impl Machine {
                 }
             };
             lock(&card).set_link(nic.link_up);
+            // Network boot: the card's iPXE ROM from the ipxe-qemu package, in a ROM BAR
+            // that is a read-only KVM slot.
+            if nic.boot_file.is_some() {
+                let (name, ids) = match nic.model {
+                    NicModel::E1000 => ("e1000", None),
+                    NicModel::Rtl8139 => ("rtl8139", None),
+                    // Debian's pxe-virtio.rom is built for 1af4:1041.
+                    NicModel::VirtioNet => ("virtio", Some((0x1af4, 0x1000))),
+                    NicModel::VirtioNetModern => ("virtio", None),
+                };
+                if let Some(mut image) = crate::firmware::load_nic_rom(name) {
+                    if let Some((vendor, device)) = ids {
+                        crate::firmware::patch_rom_ids(&mut image, vendor, device);
+                    }
+                    lock(&function)
+                        .config_mut()
+                        .set_rom_bar((image.len() as u64).next_power_of_two().max(2048));
+                    mapper.set_direct(
+                        slot,
+                        0,
+                        ROM_BAR,
+                        rom_bar(&vm, SLOT_ROM_FIRST + 1 + index as u32, image),
+                    );
+                } else {
+                    log::warn!(
+                        "network card {index}: no iPXE ROM for {name} (install ipxe-qemu); network boot unavailable"
+                    );
+                }
+            }
             pci.add(slot, 0, function).map_err(pci_err)?;
             mapper.set_after_write(slot, 0, timer_notify.clone());
             timed.push(timed_card);

@@ -66,3 +66,47 @@ fn seabios_reaches_boot_selection_and_esc_opens_the_boot_menu() {
     vm.power_off().unwrap();
     assert!(dir.path().join("nvram.toml").is_file(), "NVRAM not saved");
 }
+
+/// Network boot: with a boot file configured, each card model carries Debian's iPXE ROM
+/// (the transitional virtio-net one with its PCI IDs patched) and SeaBIOS runs it. (iPXE
+/// itself cannot run under this host's KVM, see bench/ipxe_net.py.)
+#[test]
+fn seabios_runs_the_ipxe_rom_of_every_card_model() {
+    if require_kvm().is_none() {
+        return;
+    }
+    let Some(bios) = require_seabios() else {
+        return;
+    };
+    if !std::path::Path::new("/usr/lib/ipxe/qemu/pxe-e1000.rom").is_file()
+        && missing("iPXE ROMs (Debian package ipxe-qemu)").is_none()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for model in [
+        vmm::NicModel::E1000,
+        vmm::NicModel::Rtl8139,
+        vmm::NicModel::VirtioNet,
+        vmm::NicModel::VirtioNetModern,
+    ] {
+        let name = format!("{model:?}").to_lowercase();
+        let mut config = seabios_config(dir.path(), &name, bios.clone(), 128);
+        config.nics = vec![vmm::NicConfig {
+            model,
+            mac: None,
+            link_up: true,
+            backend: vmm::NetBackendConfig::Nat,
+            forwards: vec![],
+            boot_file: Some("http://10.0.2.2/boot.ipxe".into()),
+        }];
+        // The VGA BIOS is the first option ROM (c000); the card's is the next one.
+        let (vm, log) = start_until_debugcon_shows(config, "Running option rom at ca00");
+        let text = read_text(&log);
+        assert!(
+            text.contains("bdf=00:03.0  bar 6"),
+            "{model:?}: no ROM BAR mapped\n{text}"
+        );
+        vm.power_off().unwrap();
+    }
+}
