@@ -22,9 +22,11 @@ measures, from the moment the engine process is continued (it then execs the eng
 * at the end of the run the screen is grabbed over VNC (vncsnapshot) and read with
   tesseract; the text is kept with the logs (iPXE prints only to the screen).
 
-iPXE under nested KVM is slow and unreliable, even in QEMU (see /work/shared/TESTING.md
-or docs on testing): this is a benchmark to run by hand, never part of the CI suite. It
-measures and reports; it never judges the numbers.
+iPXE under nested KVM is slow and unreliable, even in QEMU: on the host this was written on
+(kvm-pvm) every card's iPXE triple-faults in both engines when its first interrupt arrives
+(dmesg: "kvm-pvm: triple fault delivering vec=8 ... rip=<iPXE's sti;hlt>"), so the guest is
+reset about every 20-35 s. This is a benchmark to run by hand, never part of the CI suite.
+It measures and reports; it never judges the numbers.
 
 Requirements (installs nothing): root, /dev/kvm, Python 3.11 (standard library only),
 `apt-get install ipxe-qemu qemu-system-x86 seabios linux-perf vncsnapshot tesseract-ocr`
@@ -219,6 +221,7 @@ class Run:
     lease_s: float | None = None  # boot.ipxe requested
     download_s: float | None = None  # server wrote all of big.bin
     done_s: float | None = None  # guest reported /done/*
+    counted_s: float | None = None  # how long the exits were counted
     big_bytes_sent: int = 0
     big_requests: int = 0
     rom_boots: int = 0
@@ -344,6 +347,7 @@ def measure(engine: str, card: str, round_no: int, args: argparse.Namespace,
                     run.detail = f"no /done request after {args.timeout:g} s"
                     break
                 time.sleep(POLL_INTERVAL_S)
+            run.counted_s = round(time.monotonic() - started, 3)
             if counter and run.vm_exits_unavailable is None:
                 try:
                     run.vm_exits = counter.counts()
@@ -408,6 +412,8 @@ def summarize(runs: list[Run]) -> list[dict]:
                 "done_s": median([r.done_s for r in passed]),
                 "exits": median([r.vm_exits[EXIT_EVENT] if r.vm_exits else None
                                  for r in passed]),
+                "exits_per_s": median([r.vm_exits[EXIT_EVENT] / r.counted_s
+                                       if r.vm_exits and r.counted_s else None for r in mine]),
             })
     return rows
 
@@ -416,20 +422,22 @@ def print_report(rows: list[dict], runs: list[Run], args: argparse.Namespace) ->
     print("\n== results (medians; ROM, reset and lease over all runs that got there, "
           "download, done and exits over passing runs) ==")
     head = (f"{'card':18}{'engine':8}{'passes':>8}{'ROM s':>8}{'reset s':>9}{'lease s':>9}"
-            f"{'download s':>12}{'done s':>8}{'exits':>12}")
+            f"{'download s':>12}{'done s':>8}{'exits':>12}{'exits/s':>9}")
     print(head)
     for row in rows:
         exits = fmt(row["exits"], 0)
         print(f"{row['card']:18}{row['engine']:8}{row['passes']:>4}/{row['rounds']:<3}"
               f"{fmt(row['rom_boot_s']):>8}{fmt(row['rom_cycle_s']):>9}{fmt(row['lease_s']):>9}"
-              f"{fmt(row['download_s']):>12}{fmt(row['done_s']):>8}{exits:>12}")
+              f"{fmt(row['download_s']):>12}{fmt(row['done_s']):>8}{exits:>12}"
+              f"{fmt(row['exits_per_s'], 0):>9}")
     print("\nratios DeskVM/QEMU (of the medians):")
     for card in CARDS:
         pair = {r["engine"]: r for r in rows if r["card"] == card}
         if len(pair) < 2:
             continue
         cells = []
-        for key in ("rom_boot_s", "rom_cycle_s", "lease_s", "download_s", "done_s", "exits"):
+        for key in ("rom_boot_s", "rom_cycle_s", "lease_s", "download_s", "done_s", "exits",
+                    "exits_per_s"):
             d, q = pair["DeskVM"][key], pair["QEMU"][key]
             cells.append(f"{key} {d / q:.3g}" if d is not None and q else f"{key} n/a")
         print(f"  {card}: " + ", ".join(cells))

@@ -12,7 +12,7 @@ purpose=${1:-run}
 run_packages=(pkg-config libgtk-4-dev libadwaita-1-dev libslirp-dev seabios)
 test_packages=(nasm qemu-utils grub-pc-bin grub-common xorriso mtools vncsnapshot tesseract-ocr tesseract-ocr-eng
   python3-venv xvfb xauth dbus dbus-x11 at-spi2-core xdotool imagemagick desktop-file-utils
-  appstream libglib2.0-bin gettext python3-dogtail gir1.2-atspi-2.0 python3-gi ipxe-qemu)
+  appstream libglib2.0-bin gettext python3-dogtail gir1.2-atspi-2.0 python3-gi ipxe-qemu x11-utils)
 
 packages=("${run_packages[@]}")
 if [ "$purpose" = test ]; then
