@@ -233,7 +233,28 @@ impl LineGraph {
         if let Some(s) = self.state.borrow_mut().series.get_mut(index) {
             s.history.push(value);
         }
+        // Screen readers (and window tests) get the legend as text through the tooltip (the
+        // GTK 4.8 bindings have no accessible-label API): the drawing itself has none.
+        let label = self.accessible_summary();
+        self.area.set_tooltip_text(Some(&label));
         self.area.queue_draw();
+    }
+
+    /// "Title: series value, series value", as the legend shows it.
+    pub fn accessible_summary(&self) -> String {
+        let st = self.state.borrow();
+        let values: Vec<String> = st
+            .series
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {}",
+                    s.label,
+                    (st.format)(s.history.latest().unwrap_or(0.0))
+                )
+            })
+            .collect();
+        format!("{}: {}", st.title, values.join(", "))
     }
 
     pub fn set_formatter(&self, format: ValueFormatter) {

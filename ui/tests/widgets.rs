@@ -110,6 +110,16 @@ fn graphs() {
     assert_eq!(g.axis_max(), 100.0);
     g.push(total, 150.0);
     assert_eq!(g.axis_max(), 200.0);
+    // The legend is readable as text (tooltip, exposed to screen readers).
+    let summary = g.accessible_summary();
+    assert!(
+        summary.starts_with("CPU: Total ") && summary.contains("vCPU 2"),
+        "{summary}"
+    );
+    assert_eq!(
+        g.widget().tooltip_text().map(|t| t.to_string()),
+        Some(summary)
+    );
     g.set_fixed_max(Some(100.0));
     assert_eq!(g.axis_max(), 100.0);
     g.set_fixed_max(None);
