@@ -18,6 +18,8 @@ pub mod library_ops;
 pub mod library_page;
 pub mod perf_model;
 pub mod perf_page;
+pub mod remote;
+pub mod remote_page;
 pub mod session;
 pub mod settings;
 pub mod wizard;
@@ -122,6 +124,8 @@ pub enum AppMsg {
     OpenTab(String, VmTab),
     Back,
     NewVm,
+    /// Ask for a VNC server and show its screen in a console window.
+    ConnectRemote,
     Created {
         name: String,
         customize: bool,
@@ -189,6 +193,7 @@ fn add_actions(app: &adw::Application, sender: &ComponentSender<App>) {
         }
     };
     simple("new-vm", &["<Control>n"], || AppMsg::NewVm);
+    simple("connect-remote", &[], || AppMsg::ConnectRemote);
     simple("quit", &["<Control>q"], || AppMsg::Quit);
     simple("preferences", &["<Control>comma"], || AppMsg::Preferences);
     simple("shortcuts", &["<Control>question"], || AppMsg::Shortcuts);
@@ -223,6 +228,12 @@ use gtk::glib;
 
 fn main_menu() -> gtk::gio::Menu {
     let menu = gtk::gio::Menu::new();
+    let remote = gtk::gio::Menu::new();
+    remote.append(
+        Some(&tr("Connect to Remote VM…")),
+        Some("app.connect-remote"),
+    );
+    menu.append_section(None, &remote);
     let section = gtk::gio::Menu::new();
     section.append(Some(&tr("Preferences")), Some("app.preferences"));
     section.append(Some(&tr("Keyboard Shortcuts")), Some("app.shortcuts"));
@@ -447,6 +458,7 @@ impl Component for App {
                 let taken: Vec<String> = self.entries.iter().map(|e| e.0.clone()).collect();
                 wizard::open(&self.window, self.library_dir.clone(), taken, &sender);
             }
+            AppMsg::ConnectRemote => remote_page::ask_and_connect(&self.window),
             AppMsg::Created { name, customize } => {
                 self.reload(&sender);
                 if customize {

@@ -6,6 +6,7 @@ pub mod console_view;
 pub mod geometry;
 pub mod graphs;
 pub mod keymap;
+pub mod keysym;
 pub mod rates;
 
 pub use console_view::{ConsoleView, FrameError, PointerMode, ScaleFilter};
