@@ -538,11 +538,9 @@ msg: db "STRING-IO-WORKS", 13, 10
 msg_end:
 done: db 10, "DONE", 10, 0
 "#;
-    let config = program_config(dir.path(), "stringio", body);
-    let vm = VmHandle::create(config.clone()).unwrap();
-    vm.start().unwrap();
-    assert!(wait_for_text(&debugcon_path(&config), "DONE", LONG));
-    let out = std::fs::read_to_string(debugcon_path(&config)).unwrap();
+    let (vm, log) =
+        start_until_debugcon_shows(program_config(dir.path(), "stringio", body), "DONE");
+    let out = read_text(&log);
     assert!(out.contains("STRING-IO-WORKS\r\n"), "{out}");
     assert!(out.to_lowercase().contains("e9e9e9e9"), "{out}");
     vm.power_off().unwrap();
@@ -585,11 +583,9 @@ start:
     jmp .halt
 done: db 10, "DONE", 10, 0
 "#;
-    let config = program_config(dir.path(), "vgaqueue", body);
-    let vm = VmHandle::create(config.clone()).unwrap();
-    vm.start().unwrap();
-    assert!(wait_for_text(&debugcon_path(&config), "DONE", LONG));
-    let out = std::fs::read_to_string(debugcon_path(&config)).unwrap();
+    let (vm, log) =
+        start_until_debugcon_shows(program_config(dir.path(), "vgaqueue", body), "DONE");
+    let out = read_text(&log);
     assert!(out.to_lowercase().contains("a55a"), "{out}");
     let exits = vm.stats().vcpus[0].exits.mmio_write;
     assert!(
