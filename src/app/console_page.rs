@@ -381,24 +381,10 @@ impl ConsolePage {
         let cd = icon_button("media-optical-symbolic", &tr("Change CD/DVD"));
         let s = sender.clone();
         cd.connect_clicked(move |b| {
-            let chooser = gtk::FileChooserNative::new(
-                Some(&tr("Choose an Image")),
-                b.root().and_downcast_ref::<gtk::Window>(),
-                gtk::FileChooserAction::Open,
-                Some(&tr("Choose")),
-                Some(&tr("Cancel")),
-            );
             let s = s.clone();
-            chooser.connect_response(move |c, resp| {
-                if resp == gtk::ResponseType::Accept {
-                    if let Some(p) = c.file().and_then(|f| f.path()) {
-                        s.input(AppMsg::ChangeFirstCd(Some(p)));
-                    }
-                }
+            super::dialogs::choose_image(b.root().and_downcast_ref::<gtk::Window>(), move |p| {
+                s.input(AppMsg::ChangeFirstCd(Some(p)))
             });
-            chooser.show();
-            // The native chooser must outlive this handler; it is small and used rarely.
-            std::mem::forget(chooser);
         });
         toolbar.append(&cd);
 

@@ -330,28 +330,17 @@ impl DetailsPage {
                 let m = m.clone();
                 let rr = rr.clone();
                 let sender = sender.clone();
-                let chooser = gtk::FileChooserNative::new(
-                    Some(&tr("Choose an Image")),
+                super::dialogs::choose_image(
                     b.root().and_downcast_ref::<gtk::Window>(),
-                    gtk::FileChooserAction::Open,
-                    Some(&tr("Choose")),
-                    Some(&tr("Cancel")),
-                );
-                chooser.connect_response(move |c, resp| {
-                    if resp == gtk::ResponseType::Accept {
-                        if let Some(p) = c.file().and_then(|f| f.path()) {
-                            rr.set_subtitle(&p.display().to_string());
-                            if kind == DriveKind::Cdrom {
-                                sender.input(AppMsg::ChangeCd(i, Some(p)));
-                            } else if let Some(m) = m.borrow_mut().as_mut() {
-                                let _ = m.set_drive_path(i, Some(p));
-                            }
+                    move |p| {
+                        rr.set_subtitle(&p.display().to_string());
+                        if kind == DriveKind::Cdrom {
+                            sender.input(AppMsg::ChangeCd(i, Some(p)));
+                        } else if let Some(m) = m.borrow_mut().as_mut() {
+                            let _ = m.set_drive_path(i, Some(p));
                         }
-                    }
-                });
-                chooser.show();
-                // Keep the native dialog alive until it answers.
-                std::mem::forget(chooser);
+                    },
+                );
             });
             r.add_suffix(&choose);
             if d.kind == DriveKind::Cdrom {

@@ -9,6 +9,32 @@ use super::i18n::tr;
 use super::settings::AppSettings;
 use super::{App, AppMsg, APP_ID};
 
+/// Asks for an image file (ISO, disk image) with the desktop's file chooser and calls
+/// `on_chosen` with the path. The chooser lives until it answers: its own handler holds the
+/// last reference and lets go of it then.
+pub fn choose_image(
+    parent: Option<&gtk::Window>,
+    on_chosen: impl Fn(std::path::PathBuf) + 'static,
+) {
+    let chooser = gtk::FileChooserNative::new(
+        Some(&tr("Choose an Image")),
+        parent,
+        gtk::FileChooserAction::Open,
+        Some(&tr("Choose")),
+        Some(&tr("Cancel")),
+    );
+    let keep = std::rc::Rc::new(std::cell::RefCell::new(Some(chooser.clone())));
+    chooser.connect_response(move |c, resp| {
+        if resp == gtk::ResponseType::Accept {
+            if let Some(p) = c.file().and_then(|f| f.path()) {
+                on_chosen(p);
+            }
+        }
+        keep.borrow_mut().take();
+    });
+    chooser.show();
+}
+
 pub fn message(parent: &impl IsA<gtk::Window>, title: &str, body: &str) {
     let d = adw::MessageDialog::new(Some(parent), Some(title), Some(body));
     d.add_response("close", &tr("Close"));

@@ -50,24 +50,10 @@ fn file_row(title: &str, on_path: impl Fn(PathBuf) + 'static) -> adw::EntryRow {
     row.connect_changed(move |r| on_path(PathBuf::from(r.text().as_str())));
     let r = row.clone();
     button.connect_clicked(move |b| {
-        let chooser = gtk::FileChooserNative::new(
-            Some(&tr("Choose an Image")),
-            b.root().and_downcast_ref::<gtk::Window>(),
-            gtk::FileChooserAction::Open,
-            Some(&tr("Choose")),
-            Some(&tr("Cancel")),
-        );
         let r = r.clone();
-        chooser.connect_response(move |c, resp| {
-            if resp == gtk::ResponseType::Accept {
-                if let Some(p) = c.file().and_then(|f| f.path()) {
-                    r.set_text(&p.display().to_string());
-                }
-            }
+        super::dialogs::choose_image(b.root().and_downcast_ref::<gtk::Window>(), move |p| {
+            r.set_text(&p.display().to_string())
         });
-        chooser.show();
-        // The native chooser must outlive this handler; it is small and used rarely.
-        std::mem::forget(chooser);
     });
     row
 }
