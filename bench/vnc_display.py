@@ -209,12 +209,16 @@ def run_menu(vmm, workdir, deskvm, idle_seconds):
     proc = launch(vmm, display, workdir, None, debugcon, deskvm)
     try:
         client = Rfb(5900 + display)
-        # The target: "Press ESC" on the debug console, and then the screen quiet for 1 s.
+        # The target: "Press ESC" on the debug console, then 1 s more for the screen to
+        # settle (a fixed wait: a blinking text cursor never lets the screen be "quiet").
         deadline = started + 120
+        prompt_seen = None
         while time.time() < deadline:
             client.pump(0.2)
             text = open(debugcon, errors="replace").read() if os.path.exists(debugcon) else ""
-            if "Press ESC" in text and client.lit() and time.time() - client.last_change > 1.0:
+            if prompt_seen is None and "Press ESC" in text and client.lit():
+                prompt_seen = time.time()
+            if prompt_seen is not None and time.time() - prompt_seen > 1.0:
                 break
         else:
             raise RuntimeError("%s: boot menu not reached" % vmm)

@@ -796,7 +796,8 @@ impl Writer {
     ) -> Result<(), ClientError> {
         let since = self.last_generation.unwrap_or(0);
         let mut copies_to_send = Vec::new();
-        let mut changed_tiles: Vec<bool> = Vec::new();
+        // Per tile: the part that changed (the whole tile when forced).
+        let mut changed_tiles: Vec<Option<Rect>> = Vec::new();
         let mut tiles_across = 0u32;
         let mut resized = false;
         let mut outside_request = false;
@@ -844,7 +845,7 @@ impl Writer {
                     }
                 }
             }
-            changed_tiles = vec![false; candidate_tiles.len()];
+            changed_tiles = vec![None; candidate_tiles.len()];
             let request_rect = request.rect;
             for (index, _) in candidate_tiles.iter().enumerate().filter(|(_, c)| **c) {
                 let tx = index as u32 % tiles_across;
@@ -852,15 +853,20 @@ impl Writer {
                 let tile = Rect::new(tx * TILE, ty * TILE, TILE, TILE).clip(width, height);
                 let in_request = !tile.intersect(&request_rect).is_empty();
                 let forced = resized || (!request.incremental && in_request);
-                if !forced && !tile_differs(&frame, shadow, width, &tile) {
-                    continue;
-                }
+                let bounds = if forced {
+                    tile
+                } else {
+                    match tile_diff_bounds(&frame, shadow, width, &tile) {
+                        Some(bounds) => bounds,
+                        None => continue,
+                    }
+                };
                 if !in_request && !resized {
                     outside_request = true;
                     continue;
                 }
                 copy_tile(&frame, shadow, width, &tile);
-                changed_tiles[index] = true;
+                changed_tiles[index] = Some(bounds);
             }
         });
 
@@ -894,21 +900,26 @@ impl Writer {
         {
             let mut tx = 0usize;
             while tx < row.len() {
-                if !row[tx] {
+                if row[tx].is_none() {
                     tx += 1;
                     continue;
                 }
                 let start = tx;
-                while tx < row.len() && row[tx] {
+                while tx < row.len() && row[tx].is_some() {
                     tx += 1;
                 }
-                let rect = Rect::new(
-                    start as u32 * TILE,
-                    row_index as u32 * TILE,
-                    (tx - start) as u32 * TILE,
-                    TILE,
-                )
-                .clip(width, height);
+                // A lone changed tile sends only its changed part (a blinking text cursor
+                // is a 9x16 cell, not a 64x64 tile); runs are sent as whole tiles.
+                let rect = match row[start] {
+                    Some(bounds) if tx - start == 1 => bounds,
+                    _ => Rect::new(
+                        start as u32 * TILE,
+                        row_index as u32 * TILE,
+                        (tx - start) as u32 * TILE,
+                        TILE,
+                    )
+                    .clip(width, height),
+                };
                 self.encode_rect(&rect, format, encodings, update)?;
             }
         }
@@ -971,29 +982,33 @@ fn frame_row<'a>(frame: &crate::FrameRef<'a>, y: u32, x: u32, width: u32) -> Opt
         .get(start..start.checked_add(width as usize * 4)?)
 }
 
-fn tile_differs(
+/// The smallest rectangle of `tile` whose pixels differ from the client's shadow copy, or
+/// None when the tile is unchanged (the whole tile when it cannot be compared).
+fn tile_diff_bounds(
     frame: &crate::FrameRef<'_>,
     shadow: &[u32],
     shadow_width: u32,
     tile: &Rect,
-) -> bool {
+) -> Option<Rect> {
+    let (mut left, mut right, mut top, mut bottom) = (u32::MAX, 0u32, u32::MAX, 0u32);
     for y in tile.y..tile.y + tile.height {
         let at = y as usize * shadow_width as usize + tile.x as usize;
-        let Some(old) = shadow.get(at..at + tile.width as usize) else {
-            return true;
+        let (Some(old), Some(new)) = (
+            shadow.get(at..at + tile.width as usize),
+            frame_row(frame, y, tile.x, tile.width),
+        ) else {
+            return Some(*tile);
         };
-        let Some(new) = frame_row(frame, y, tile.x, tile.width) else {
-            return true;
-        };
-        let same = new
-            .chunks_exact(4)
-            .zip(old)
-            .all(|(b, &o)| u32::from_le_bytes([b[0], b[1], b[2], 0]) == o);
-        if !same {
-            return true;
+        for (x, (b, &o)) in (tile.x..).zip(new.chunks_exact(4).zip(old)) {
+            if u32::from_le_bytes([b[0], b[1], b[2], 0]) != o {
+                left = left.min(x);
+                right = right.max(x);
+                top = top.min(y);
+                bottom = bottom.max(y);
+            }
         }
     }
-    false
+    (left <= right).then(|| Rect::new(left, top, right - left + 1, bottom - top + 1))
 }
 
 fn copy_tile(frame: &crate::FrameRef<'_>, shadow: &mut [u32], shadow_width: u32, tile: &Rect) {

@@ -235,7 +235,7 @@ fn first_supported_encoding_in_client_order_wins() {
 }
 
 #[test]
-fn incremental_update_sends_only_damaged_tiles() {
+fn incremental_update_sends_only_the_changed_pixels() {
     let f = fixture(640, 480);
     f.source.draw(pattern);
     let mut client = TestClient::connect(f.addr()).unwrap();
@@ -246,9 +246,20 @@ fn incremental_update_sends_only_damaged_tiles() {
     client.request(true).unwrap();
     let rects = client.read_update().unwrap();
     assert_eq!(rects.len(), 1);
+    // A change inside one tile is sent as just the changed rectangle.
     assert_eq!(
         (rects[0].x, rects[0].y, rects[0].width, rects[0].height),
-        (192, 256, 64, 64)
+        (200, 300, 10, 10)
+    );
+    assert_eq!(client.framebuffer, f.source.snapshot());
+    // A change spanning tiles is sent as whole tiles.
+    f.source.fill_rect(Rect::new(100, 10, 100, 10), 0x00ff00);
+    client.request(true).unwrap();
+    let rects = client.read_update().unwrap();
+    assert_eq!(rects.len(), 1, "{rects:?}");
+    assert_eq!(
+        (rects[0].x, rects[0].y, rects[0].width, rects[0].height),
+        (64, 0, 192, 64)
     );
     assert_eq!(client.framebuffer, f.source.snapshot());
 }
@@ -268,7 +279,7 @@ fn unknown_damage_is_found_by_tile_comparison() {
     assert_eq!(rects.len(), 1, "{rects:?}");
     assert_eq!(
         (rects[0].x, rects[0].y, rects[0].width, rects[0].height),
-        (576, 448, 64, 32)
+        (630, 470, 10, 10)
     );
     assert_eq!(client.framebuffer, f.source.snapshot());
 }
