@@ -343,6 +343,15 @@ impl Qcow2Image {
 
     // ---- L2 tables ----
 
+    /// One whole cluster of metadata from the image file.
+    fn read_cluster(&self, offset: u64, what: &'static str) -> Result<Vec<u8>, DiskError> {
+        let mut bytes = vec![0u8; self.cluster_size() as usize];
+        self.file
+            .read_exact_at(&mut bytes, offset)
+            .map_err(|e| DiskError::io(&self.path, what, e))?;
+        Ok(bytes)
+    }
+
     fn load_l2(&mut self, l2_offset: u64) -> Result<(), DiskError> {
         if self.l2_cache.contains_key(&l2_offset) {
             return Ok(());
@@ -352,21 +361,12 @@ impl Qcow2Image {
             if self.dirty_l2.len() >= MAX_CACHED_L2 / 2 {
                 self.write_back()?;
             }
-            let clean: Vec<u64> = self
-                .l2_cache
-                .keys()
-                .filter(|k| !self.dirty_l2.contains(k))
-                .copied()
-                .collect();
-            for key in clean {
-                self.l2_cache.remove(&key);
-            }
+            // Drop the clean tables; dirty ones stay until written back.
+            let dirty = &self.dirty_l2;
+            self.l2_cache.retain(|k, _| dirty.contains(k));
         }
-        let mut bytes = vec![0u8; self.cluster_size() as usize];
-        self.file
-            .read_exact_at(&mut bytes, l2_offset)
-            .map_err(|e| DiskError::io(&self.path, "reading an L2 table", e))?;
-        let table = bytes
+        let table = self
+            .read_cluster(l2_offset, "reading an L2 table")?
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
@@ -450,21 +450,11 @@ impl Qcow2Image {
         }
         self.check_host_cluster(offset, "refcount block")?;
         if self.refblocks.len() >= MAX_CACHED_REFBLOCKS {
-            let clean: Vec<u64> = self
-                .refblocks
-                .keys()
-                .filter(|k| !self.dirty_refblocks.contains(k))
-                .copied()
-                .collect();
-            for key in clean {
-                self.refblocks.remove(&key);
-            }
+            let dirty = &self.dirty_refblocks;
+            self.refblocks.retain(|k, _| dirty.contains(k));
         }
-        let mut bytes = vec![0u8; self.cluster_size() as usize];
-        self.file
-            .read_exact_at(&mut bytes, offset)
-            .map_err(|e| DiskError::io(&self.path, "reading a refcount block", e))?;
-        let block = bytes
+        let block = self
+            .read_cluster(offset, "reading a refcount block")?
             .chunks_exact(2)
             .map(|c| u16::from_be_bytes([c[0], c[1]]))
             .collect();
