@@ -26,6 +26,27 @@ const SLOT_HIGH_RAM: u32 = 2;
 const SLOT_FIRMWARE: u32 = 3;
 const SLOT_PAM_FIRST: u32 = 4;
 
+/// Host address of guest address `addr` in `mem` (a mapping this module owns).
+fn host_address_in(mem: &GuestMemoryMmap, addr: u64) -> Result<u64> {
+    mem.get_host_address(GuestAddress(addr))
+        .map(|p| p as u64)
+        .map_err(|e| VmmError::GuestMemory {
+            mib: mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+            reason: e.to_string(),
+        })
+}
+
+/// Deletes KVM memory slot `slot`: guest accesses there exit again.
+fn delete_slot(vm: &VmFd, slot: u32) -> Result<()> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        ..Default::default()
+    };
+    // SAFETY: a zero-sized region deletes the slot; no memory is referenced.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))
+}
+
 /// Guest RAM with the PC split around the PCI hole.
 #[derive(Clone)]
 pub struct GuestRam {
@@ -105,13 +126,7 @@ impl GuestRam {
     }
 
     fn host_address(&self, addr: u64) -> Result<u64> {
-        self.mem
-            .get_host_address(GuestAddress(addr))
-            .map(|p| p as u64)
-            .map_err(|e| VmmError::GuestMemory {
-                mib: (self.below_4g + self.above_4g) >> 20,
-                reason: e.to_string(),
-            })
+        host_address_in(&self.mem, addr)
     }
 }
 
@@ -208,16 +223,10 @@ impl FramebufferSlot {
             return Ok(());
         }
         if at.is_some() {
-            self.clear()?;
+            delete_slot(&self.vm, SLOT_FRAMEBUFFER)?;
             *at = None;
         }
-        let host =
-            self.vram
-                .get_host_address(GuestAddress(0))
-                .map_err(|e| VmmError::GuestMemory {
-                    mib: self.size >> 20,
-                    reason: e.to_string(),
-                })? as u64;
+        let host = host_address_in(&self.vram, 0)?;
         let region = kvm_userspace_memory_region {
             slot: SLOT_FRAMEBUFFER,
             flags: KVM_MEM_LOG_DIRTY_PAGES,
@@ -233,21 +242,11 @@ impl FramebufferSlot {
         Ok(())
     }
 
-    fn clear(&self) -> Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot: SLOT_FRAMEBUFFER,
-            ..Default::default()
-        };
-        // SAFETY: a zero-sized region deletes the slot; no memory is referenced.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION (framebuffer)"))
-    }
-
     /// Removes the mapping; guest accesses exit again.
     pub fn unmap(&self) -> Result<()> {
         let mut at = self.mapped_at.lock().unwrap_or_else(|e| e.into_inner());
         if at.take().is_some() {
-            self.clear()?;
+            delete_slot(&self.vm, SLOT_FRAMEBUFFER)?;
         }
         Ok(())
     }
@@ -316,12 +315,7 @@ impl RomSlot {
         let Some((_, mem)) = memory.as_ref() else {
             return Ok(());
         };
-        let host = mem
-            .get_host_address(GuestAddress(0))
-            .map_err(|e| VmmError::GuestMemory {
-                mib: size >> 20,
-                reason: e.to_string(),
-            })? as u64;
+        let host = host_address_in(mem, 0)?;
         let region = kvm_userspace_memory_region {
             slot: self.slot,
             flags: KVM_MEM_READONLY,
@@ -337,13 +331,7 @@ impl RomSlot {
     }
 
     pub fn unmap(&self) -> Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot: self.slot,
-            ..Default::default()
-        };
-        // SAFETY: a zero-sized region deletes the slot; no memory is referenced.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION (option ROM)"))
+        delete_slot(&self.vm, self.slot)
     }
 }
 
@@ -408,16 +396,7 @@ impl MemoryMap {
     }
 
     fn clear_slot(&self, slot: u32) -> Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: 0,
-            userspace_addr: 0,
-        };
-        // SAFETY: a zero-sized region deletes the slot; no memory is referenced.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))
+        delete_slot(&self.vm, slot)
     }
 
     fn map_fixed(&self) -> Result<()> {
@@ -447,14 +426,7 @@ impl MemoryMap {
             )?;
         }
         if let Some(fw) = &self.firmware {
-            let host = fw
-                .mem
-                .get_host_address(GuestAddress(fw.base))
-                .map(|p| p as u64)
-                .map_err(|e| VmmError::GuestMemory {
-                    mib: fw.size >> 20,
-                    reason: e.to_string(),
-                })?;
+            let host = host_address_in(&fw.mem, fw.base)?;
             self.set_slot(SLOT_FIRMWARE, fw.base, fw.size, host, true)?;
         }
         Ok(())
