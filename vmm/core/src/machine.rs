@@ -36,6 +36,7 @@ use vmm_devices::{Bus, BusDevice, IrqLine, SystemControl, Timed};
 
 use crate::coalesced::CoalescedRing;
 use crate::config::{BootOrder, CharOutput, DriveKind, NicModel, VmConfig};
+use crate::display::DisplayShared;
 use crate::error::{Result, VmmError};
 use crate::layout::*;
 use crate::linux_boot::{load_linux, LinuxEntry};
@@ -176,7 +177,6 @@ pub struct Machine {
     pub interrupt_counts: Arc<InterruptCounts>,
     pub clock: Arc<dyn Clock>,
     /// The display card the frame pipeline refreshes.
-    pub display: Option<Arc<Mutex<dyn DisplayDevice>>>,
     pub cirrus: Arc<Mutex<CirrusVga>>,
     pub linear_bar: Arc<CirrusLinearBar>,
     pub ide: Arc<Mutex<PiixIde>>,
@@ -675,7 +675,6 @@ impl Machine {
             irq_lines,
             interrupt_counts,
             clock,
-            display: Some(cirrus.clone()),
             cirrus,
             linear_bar,
             ide,
@@ -719,10 +718,23 @@ impl Machine {
         Ok(())
     }
 
+    /// Composes the screen into the frame pipeline: applies queued VGA-window writes, gives
+    /// the card the time (text blink), and hands it the pages the guest wrote through the
+    /// linear framebuffer. Returns whether the frame changed.
+    pub(crate) fn refresh_display(&self, pipeline: &DisplayShared, now_ns: u64) -> bool {
+        if let Some(ring) = &self.coalesced {
+            ring.drain(&self.mmio);
+        }
+        let guest_dirty = self.display_guest_dirty();
+        lock(&self.cirrus).vga_mut().set_time_ns(now_ns);
+        let card: &Mutex<dyn DisplayDevice> = &*self.cirrus;
+        pipeline.refresh(card, guest_dirty.as_ref())
+    }
+
     /// VRAM pages the guest wrote through the linear framebuffer since the last call
     /// (KVM's dirty log), when the framebuffer is mapped as a memory slot. Also switches
     /// the framebuffer between direct and trapped access as the card requires.
-    pub fn display_guest_dirty(&self) -> Option<DirtyPages> {
+    fn display_guest_dirty(&self) -> Option<DirtyPages> {
         self.linear_bar.sync();
         let bitmap = self.linear_bar.slot.take_dirty_log()?;
         let pages = (self.linear_bar.slot.size() as usize).div_ceil(vmm_devices::vram::PAGE_SIZE);

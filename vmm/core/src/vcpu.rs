@@ -454,7 +454,7 @@ impl VcpuRunner {
     }
 
     fn step(&mut self) -> Step {
-        let c = self.counters.clone();
+        let c = &self.counters;
         let mut port_exit = None;
         let exit = self.vcpu.run();
         if let Some(ring) = &self.coalesced {

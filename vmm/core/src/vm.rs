@@ -879,18 +879,20 @@ impl Engine {
             return IDLE;
         };
         let now = m.clock.monotonic_ns();
-        let mut deadlines = vec![lock(&m.rtc).next_deadline_ns()];
+        let rtc = lock(&m.rtc).next_deadline_ns();
+        let mut next = rtc.map_or(IDLE, |d| Duration::from_nanos(d.saturating_sub(now)));
         if self.state() == VmState::Running {
-            deadlines.extend(m.timed.iter().map(|t| lock(t).next_deadline_ns()));
+            // Device timers and the screen refresh run only while the guest runs.
+            let running_deadlines = m
+                .timed
+                .iter()
+                .filter_map(|t| lock(t).next_deadline_ns())
+                .chain(std::iter::once(self.next_refresh_ns));
+            for d in running_deadlines {
+                next = next.min(Duration::from_nanos(d.saturating_sub(now)));
+            }
         }
-        if m.display.is_some() && self.state() == VmState::Running {
-            deadlines.push(Some(self.next_refresh_ns));
-        }
-        deadlines
-            .into_iter()
-            .flatten()
-            .map(|d| Duration::from_nanos(d.saturating_sub(now)))
-            .fold(IDLE, Duration::min)
+        next.min(IDLE)
     }
 
     fn run_timers(&mut self) {
@@ -913,20 +915,12 @@ impl Engine {
                 }
             }
         }
-        if let Some(display) = &m.display {
-            if self.next_refresh_ns <= now && running {
-                lock(&m.cirrus).vga_mut().set_time_ns(now);
-                let handle = DisplayHandle {
-                    shared: self.shared.display.clone(),
-                };
-                let before = handle.size();
-                if let Some(ring) = &m.coalesced {
-                    ring.drain(&m.mmio);
-                }
-                let guest_dirty = m.display_guest_dirty();
-                self.shared
-                    .display
-                    .refresh(display.as_ref(), guest_dirty.as_ref());
+        if self.next_refresh_ns <= now && running {
+            let handle = DisplayHandle {
+                shared: self.shared.display.clone(),
+            };
+            let before = handle.size();
+            if m.refresh_display(&self.shared.display, now) {
                 let after = handle.size();
                 if after != before {
                     self.shared.emit(Event::DisplayResized {
@@ -934,10 +928,10 @@ impl Engine {
                         height: after.1,
                     });
                 }
-                let interval = REFRESH_INTERVAL.as_nanos() as u64;
-                // Skip missed ticks instead of refreshing several times in a row.
-                self.next_refresh_ns = now - (now - self.next_refresh_ns) % interval + interval;
             }
+            let interval = REFRESH_INTERVAL.as_nanos() as u64;
+            // Skip missed ticks instead of refreshing several times in a row.
+            self.next_refresh_ns = now - (now - self.next_refresh_ns) % interval + interval;
         }
     }
 }
