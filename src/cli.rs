@@ -434,10 +434,7 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
 /// Runs a VM until it stops; Ctrl+C and SIGTERM power it off cleanly (NVRAM saved).
 pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let config = run_config(args)?;
-    let args = &RunArgs {
-        serial: Some(config.serial.clone()),
-        ..args.clone()
-    };
+    let serial_on_terminal = config.serial == CharOutput::Stdio;
     let vm = Arc::new(VmHandle::create(config)?);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -455,7 +452,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     if let Some(addr) = vm.vnc_address() {
         eprintln!("deskvm: VNC server for the screen on {addr}");
     }
-    if config_serial_is_stdio(args) {
+    if serial_on_terminal {
         // What is typed on the terminal goes to the guest's COM1.
         let input = vm.input();
         std::thread::spawn(move || {
@@ -485,10 +482,6 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         VmState::Failed(m) => Err(CliError::Failed(m)),
         _ => Ok(()),
     }
-}
-
-fn config_serial_is_stdio(args: &RunArgs) -> bool {
-    matches!(args.serial, Some(CharOutput::Stdio))
 }
 
 pub fn list() -> Result<(), CliError> {
