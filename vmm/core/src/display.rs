@@ -253,18 +253,11 @@ impl DisplayHandle {
             path: path.to_path_buf(),
             source: e,
         };
-        let (width, height, rgb) = self
-            .with_frame(0, |frame, _| {
-                let mut rgb = Vec::with_capacity(frame.width as usize * frame.height as usize * 3);
-                for y in 0..frame.height as usize {
-                    let row = &frame.pixels[y * frame.stride..];
-                    for x in 0..frame.width as usize {
-                        rgb.extend_from_slice(&[row[x * 4 + 2], row[x * 4 + 1], row[x * 4]]);
-                    }
-                }
-                (frame.width, frame.height, rgb)
-            })
-            .1;
+        let (width, height, pixels) = self.snapshot_rgb();
+        let rgb: Vec<u8> = pixels
+            .iter()
+            .flat_map(|p| [(p >> 16) as u8, (p >> 8) as u8, *p as u8])
+            .collect();
         let file = std::fs::File::create(path).map_err(err)?;
         let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
         encoder.set_color(png::ColorType::Rgb);
