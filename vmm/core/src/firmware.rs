@@ -19,13 +19,7 @@ pub const CIRRUS_VGABIOS_SEARCH_PATH: &[&str] = &[
 
 /// The Cirrus VGA BIOS (the card's option ROM), from the seabios package.
 pub fn load_cirrus_vgabios() -> Result<Vec<u8>> {
-    let path = CIRRUS_VGABIOS_SEARCH_PATH
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .ok_or_else(|| VmmError::FirmwareNotFound {
-            searched: CIRRUS_VGABIOS_SEARCH_PATH.join(", "),
-        })?;
+    let path = first_existing(CIRRUS_VGABIOS_SEARCH_PATH)?;
     std::fs::read(&path).map_err(|source| VmmError::ReadFile {
         what: "VGA BIOS",
         path,
@@ -75,12 +69,17 @@ pub fn locate_bios(configured: Option<&Path>) -> Result<PathBuf> {
             })
         };
     }
-    BIOS_SEARCH_PATH
+    first_existing(BIOS_SEARCH_PATH)
+}
+
+/// The first file of a search path that exists, or an error naming them all.
+fn first_existing(search_path: &[&str]) -> Result<PathBuf> {
+    search_path
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
         .ok_or_else(|| VmmError::FirmwareNotFound {
-            searched: BIOS_SEARCH_PATH.join(", "),
+            searched: search_path.join(", "),
         })
 }
 
