@@ -138,7 +138,8 @@ fn grub_rescue_iso_boots_from_the_ide_cdrom_and_its_menu_obeys_the_serial_port()
 // ---------------------------------------------------------------------------------------
 // 2. A guest writes the second disk through int 13h; the data survives a power-off.
 
-/// Offset of the mode byte in the boot sector: 0 = write and check, 1 = read and print.
+/// Offset of the mode byte in the boot sector: 0 = write and check, 1 = read and print,
+/// 2 = write one sector per 64 KiB cluster, round and round, forever.
 const MODE_OFFSET: usize = 509;
 const PATTERN: u8 = 0x5a;
 const PATTERN_LBA: u64 = 100;
@@ -166,6 +167,8 @@ start:
     jc fail_edd
     cmp bx, 0xaa55
     jne fail_edd
+    cmp byte [mode], 2
+    je forever
     cmp byte [mode], 0
     jne verify
     ; Write PATTERN to LBA 100 of drive 0x81.
@@ -206,6 +209,21 @@ verify:
     mov si, msg_end
     call puts
     jmp halt
+forever:
+    mov si, msg_loop
+    call puts
+.next:
+    mov word [dap_count], 1
+    mov si, dap
+    mov ax, 0x4300
+    mov dl, 0x81
+    int 0x13
+    jc fail_write
+    add dword [dap + 8], 128
+    cmp dword [dap + 8], 32000
+    jb .next
+    mov dword [dap + 8], 100
+    jmp .next
 read_sector:
     mov word [dap_count], 1
     mov si, dap
@@ -272,6 +290,7 @@ dap_count:
     dq 100
 msg_boot: db "BOOTSECTOR", 10, 0
 msg_write_ok: db "WRITE-OK", 10, 0
+msg_loop: db "LOOP", 10, 0
 msg_data: db "DATA:", 0
 msg_end: db ":END", 10, 0
 msg_fail_edd: db "FAIL-EDD ", 0
@@ -409,6 +428,94 @@ fn data_a_guest_writes_through_int13_survives_power_off_and_passes_qemu_img_chec
 
 // ---------------------------------------------------------------------------------------
 // 3. CD media change while the VM runs.
+
+/// Set in the child process of the kill test: the folder holding its disks.
+const CRASH_CHILD: &str = "DESKVM_TEST_CRASH_CHILD";
+
+/// The kill test's VM: the boot sector (mode 2) writing clusters of a 16 MiB qcow2 forever.
+fn crash_config(dir: &Path, bios: PathBuf) -> VmConfig {
+    let mut config = seabios_serial_config(dir, "crash", bios, 64);
+    config.drives = vec![
+        drive(DriveKind::Disk, Some(dir.join("boot.img"))),
+        drive(DriveKind::Disk, Some(dir.join("data.qcow2"))),
+    ];
+    config.boot_order = BootOrder::Disk;
+    config
+}
+
+/// An engine killed (SIGKILL) while the guest allocates qcow2 clusters leaves an image that
+/// `qemu-img check` finds free of corruption (leaked clusters are allowed). The engine runs
+/// in a child process: this same test binary, re-run with `CRASH_CHILD` set.
+#[test]
+fn an_engine_killed_mid_write_leaves_a_qcow2_without_corruption() {
+    if let Some(dir) = std::env::var_os(CRASH_CHILD) {
+        let dir = PathBuf::from(dir);
+        let vm = VmHandle::create(crash_config(&dir, PathBuf::from(SEABIOS))).unwrap();
+        vm.start().unwrap();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    if require_kvm().is_none() || require_nasm().is_none() {
+        return;
+    }
+    let Some(bios) = require_seabios() else {
+        return;
+    };
+    if require_tool("qemu-img", &["--version"], "qemu-utils").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut sector = assemble(dir.path(), "bootsector", BOOT_SECTOR);
+    sector[MODE_OFFSET] = 2;
+    raw_disk(dir.path(), "boot.img", &sector);
+    let data = dir.path().join("data.qcow2");
+    create(&data, ImageFormat::Qcow2, 16 << 20, None).unwrap();
+    let log = debugcon_path(&crash_config(dir.path(), bios));
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "an_engine_killed_mid_write_leaves_a_qcow2_without_corruption",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env(CRASH_CHILD, dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = wait_for_text(&log, "LOOP", LONG);
+    // Let the guest allocate a good number of clusters, then pull the plug mid-stream.
+    let deadline = std::time::Instant::now() + LONG;
+    while std::fs::metadata(&data).map(|m| m.len()).unwrap_or(0) < 4 << 20
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = read_text(&log);
+    assert!(started && !text.contains("FAIL"), "{text}");
+    let grown = std::fs::metadata(&data).unwrap().len();
+    assert!(
+        grown >= 4 << 20,
+        "the guest wrote only {grown} bytes: {text}"
+    );
+
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    // 0: clean, 3: leaked clusters only; 2 would be corruption.
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(3)),
+        "qemu-img check found corruption after the kill: {report}"
+    );
+    assert!(!report.contains("ERROR"), "{report}");
+}
 
 #[test]
 fn cdrom_media_can_be_changed_and_ejected_while_running() {
