@@ -71,12 +71,19 @@ pub const VGA_PORT_LEN: u64 = 0x30;
 pub const IDE_COMMAND_PORTS: [u16; 2] = [0x1f0, 0x170];
 pub const IDE_CONTROL_PORTS: [u16; 2] = [0x3f6, 0x376];
 pub const IDE_COMMAND_PORT_LEN: u64 = 8;
+/// APM control and status (0xb2, 0xb3): the FADT's SMI_CMD port for the ACPI hand-shake.
+pub const APM_PORT: u16 = 0xb2;
+/// The legacy GPE0 block SeaBIOS's FADT names (status word, enable word).
+pub const ACPI_GPE0_PORT: u16 = 0xafe0;
 
 // ---- ISA interrupts (GSIs of KVM's in-kernel PIC/IOAPIC) -------------------------------
 
 pub const KEYBOARD_IRQ: u32 = 1;
 pub const COM1_IRQ: u32 = 4;
 pub const RTC_IRQ: u32 = 8;
+/// The PIIX4's ACPI system control interrupt (hard-wired, level, shared through the PIRQ
+/// router so a PCI function routed to IRQ 9 does not clobber it).
+pub const ACPI_SCI_IRQ: u32 = 9;
 pub const MOUSE_IRQ: u32 = 12;
 /// Legacy-mode IDE channels.
 pub const IDE_IRQS: [u32; 2] = [14, 15];
@@ -92,6 +99,9 @@ pub const PCI_IDE_SLOT: (u8, u8) = (1, 1);
 pub const PCI_UHCI_SLOT: (u8, u8) = (1, 2);
 /// The PIIX3's UHCI interrupt pin (INTD#).
 pub const PCI_UHCI_PIN: u8 = 4;
+/// PIIX4 power management (ACPI) function; its register block is wherever the guest puts
+/// PMBA (SeaBIOS: 0xb000).
+pub const PCI_PM_SLOT: (u8, u8) = (1, 3);
 pub const PCI_VGA_SLOT: (u8, u8) = (2, 0);
 /// Network cards take slots 3, 4, ... in configuration order.
 pub const PCI_NIC_FIRST_SLOT: u8 = 3;

@@ -30,6 +30,6 @@ pub use error::VmmError;
 pub use machine::EngineOptions;
 pub use vcpu::ExitStats;
 pub use vm::{
-    DiskStats, Event, InputHandle, InputRoute, NicStats, UsbDevice, VcpuStats, VmHandle, VmState,
-    VmStats,
+    DiskStats, Event, InputHandle, InputRoute, NicStats, PowerButton, UsbDevice, VcpuStats,
+    VmHandle, VmState, VmStats,
 };

@@ -22,6 +22,7 @@ use vmm_devices::net::NetworkCard;
 use vmm_devices::pci::{BarRegion, DirectBar, PciBarDevice, SharedPciFunction, ROM_BAR};
 use vmm_devices::pci::{BusBarMapper, PciRoot};
 use vmm_devices::piix3::{PciIrqRouter, Piix3IsaBridge};
+use vmm_devices::piix4_pm::{self, ApmPorts, Gpe0Block, Piix4Pm};
 use vmm_devices::reset::{ResetControl, SystemPortA};
 use vmm_devices::rtc::{Rtc, RtcState};
 use vmm_devices::rtl8139::Rtl8139;
@@ -181,6 +182,8 @@ pub struct Machine {
     pub linear_bar: Arc<CirrusLinearBar>,
     pub ide: Arc<Mutex<PiixIde>>,
     pub uhci: Arc<Mutex<Uhci>>,
+    /// ACPI power management (power button, soft-off).
+    pub pm: Arc<Mutex<Piix4Pm>>,
     pub tablet: Option<HidInput>,
     pub usb_keyboard: Option<HidInput>,
     /// Devices with timers the engine thread runs (besides the RTC).
@@ -381,6 +384,10 @@ impl Machine {
         let (boot_order, boot_order_after_reset) = boot_orders(config);
         cfg.add_file("bootorder", fw_cfg::bootorder_bytes(&boot_order))
             .map_err(fw_err)?;
+        // Sleep states the firmware's ACPI tables offer (S0..S5, bit 7 = offered): only
+        // soft-off, since suspend is not emulated; SeaBIOS renames _S3_/_S4_ away.
+        cfg.add_file("etc/system-states", vec![0x80, 0, 0, 0, 0, 0x80])
+            .map_err(fw_err)?;
         cfg.set_boot_menu(
             config.firmware.boot_menu,
             config.firmware.boot_menu_timeout_ms.unwrap_or(2500),
@@ -466,6 +473,29 @@ impl Machine {
         pci.add(PCI_UHCI_SLOT.0, PCI_UHCI_SLOT.1, uhci.clone())
             .map_err(pci_err)?;
         mapper.set_after_write(PCI_UHCI_SLOT.0, PCI_UHCI_SLOT.1, timer_notify.clone());
+
+        // PIIX4 power management on 00:01.3: ACPI soft-off, power button, PM timer.
+        let pm = Arc::new(Mutex::new(Piix4Pm::new(
+            PCI_PM_SLOT,
+            mapper.clone(),
+            router.isa_line(ACPI_SCI_IRQ as usize),
+            system.clone(),
+            clock.clone(),
+        )));
+        pci.add(PCI_PM_SLOT.0, PCI_PM_SLOT.1, pm.clone())
+            .map_err(pci_err)?;
+        mapper.set_after_write(PCI_PM_SLOT.0, PCI_PM_SLOT.1, timer_notify.clone());
+        timed.push(pm.clone());
+        pio.insert(
+            APM_PORT as u64,
+            piix4_pm::APM_PORT_LEN,
+            Arc::new(Mutex::new(ApmPorts(pm.clone()))),
+        )?;
+        pio.insert(
+            ACPI_GPE0_PORT as u64,
+            piix4_pm::GPE0_LEN,
+            Arc::new(Mutex::new(Gpe0Block(pm.clone()))),
+        )?;
 
         // Cirrus CL-GD5446 on 00:02.0: legacy ports and window, VRAM as a KVM slot.
         let vram = Vram::new((config.display.vram_mib as usize) << 20)
@@ -679,6 +709,7 @@ impl Machine {
             linear_bar,
             ide,
             uhci,
+            pm,
             tablet,
             usb_keyboard,
             timed,

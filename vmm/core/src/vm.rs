@@ -173,6 +173,7 @@ struct LiveDevices {
     ide: Arc<Mutex<PiixIde>>,
     serial: Arc<Mutex<vmm_devices::serial::Serial>>,
     nics: Vec<Arc<Mutex<dyn vmm_devices::net::NetworkCard>>>,
+    pm: Arc<Mutex<vmm_devices::piix4_pm::Piix4Pm>>,
 }
 
 impl LiveDevices {
@@ -184,6 +185,7 @@ impl LiveDevices {
             ide: machine.ide.clone(),
             serial: machine.serial.clone(),
             nics: machine.nics.iter().map(|n| n.card.clone()).collect(),
+            pm: machine.pm.clone(),
         }
     }
 }
@@ -232,6 +234,15 @@ pub struct VmHandle {
 #[derive(Clone)]
 pub struct InputHandle {
     shared: Arc<Shared>,
+}
+
+/// What became of a press of the ACPI power button.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerButton {
+    /// The guest listens for the button (its OS enabled ACPI's power button event).
+    Delivered,
+    /// Nothing in the guest listens now (firmware, a boot loader, no ACPI support).
+    NotListening,
 }
 
 /// The USB input devices a VM can have plugged into its UHCI controller.
@@ -518,6 +529,29 @@ impl VmHandle {
                 }
             })
             .collect()
+    }
+
+    /// Presses the ACPI power button, as on a PC's case: a guest OS that listens shuts
+    /// down cleanly and then powers the VM off itself (state `Stopped`). Says whether the
+    /// guest listens; firmware, boot loaders and OSes without ACPI do not (then only
+    /// [`VmHandle::power_off`] stops the VM). A press while paused is seen on resume.
+    pub fn press_power_button(&self) -> Result<PowerButton> {
+        let state = self.state();
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(VmmError::InvalidState {
+                state: state.to_string(),
+                action: "press the power button",
+            });
+        }
+        let dev = lock(&self.shared.devices)
+            .clone()
+            .ok_or_else(|| VmmError::Device("the VM has no machine".into()))?;
+        let heard = lock(&dev.pm).press_power_button();
+        Ok(if heard {
+            PowerButton::Delivered
+        } else {
+            PowerButton::NotListening
+        })
     }
 
     /// Connects or disconnects the cable of network card `index` while the VM runs.

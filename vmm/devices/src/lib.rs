@@ -27,6 +27,7 @@ pub mod i8042;
 pub mod ide;
 pub mod pci;
 pub mod piix3;
+pub mod piix4_pm;
 pub mod ps2_keyboard;
 pub mod ps2_mouse;
 pub mod reset;

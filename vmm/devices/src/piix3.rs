@@ -77,6 +77,8 @@ struct RouterInner {
     routes: [u8; PIRQ_COUNT],
     /// Number of sources asserting each PIRQ.
     asserted: [u32; PIRQ_COUNT],
+    /// Number of board-level sources (not PIRQs, e.g. the ACPI SCI) asserting each ISA IRQ.
+    isa_asserted: [u32; ISA_IRQS],
     /// Level last driven on each ISA IRQ.
     driven: [bool; ISA_IRQS],
 }
@@ -95,6 +97,7 @@ impl PciIrqRouter {
             inner: Mutex::new(RouterInner {
                 routes: [PIRQ_ROUTE_DISABLED; PIRQ_COUNT],
                 asserted: [0; PIRQ_COUNT],
+                isa_asserted: [0; ISA_IRQS],
                 driven: [false; ISA_IRQS],
             }),
         })
@@ -122,6 +125,20 @@ impl PciIrqRouter {
         Arc::new(PirqSource {
             router: self.clone(),
             pirq,
+            high: AtomicBool::new(false),
+        })
+    }
+
+    /// A level-triggered board source wired straight to ISA IRQ `irq` (the PIIX4's ACPI
+    /// SCI on IRQ 9), wired-OR with any PIRQ the guest routes to the same IRQ so that
+    /// neither clobbers the other's level. Out-of-range IRQs go nowhere.
+    pub fn isa_line(self: &Arc<Self>, irq: usize) -> Arc<dyn IrqLine> {
+        if irq >= ISA_IRQS {
+            return Arc::new(NoIrq);
+        }
+        Arc::new(IsaSource {
+            router: self.clone(),
+            irq,
             high: AtomicBool::new(false),
         })
     }
@@ -174,6 +191,9 @@ impl PciIrqRouter {
     /// Recomputes every ISA IRQ level and drives the ones that changed.
     fn drive(&self, inner: &mut RouterInner) {
         let mut wanted = [false; ISA_IRQS];
+        for (want, &count) in wanted.iter_mut().zip(inner.isa_asserted.iter()) {
+            *want = count > 0;
+        }
         for (route, &count) in inner.routes.iter().zip(inner.asserted.iter()) {
             if count > 0 {
                 if let Some(irq) = routed_irq(*route) {
@@ -205,6 +225,34 @@ impl PciIrqRouter {
             };
         }
         self.drive(&mut inner);
+    }
+
+    fn isa_source_changed(&self, source: &IsaSource, high: bool) {
+        let mut inner = self.lock();
+        if source.high.swap(high, Ordering::SeqCst) == high {
+            return;
+        }
+        if let Some(count) = inner.isa_asserted.get_mut(source.irq) {
+            *count = if high {
+                count.saturating_add(1)
+            } else {
+                count.saturating_sub(1)
+            };
+        }
+        self.drive(&mut inner);
+    }
+}
+
+/// A board-level source on one ISA IRQ (see [`PciIrqRouter::isa_line`]).
+struct IsaSource {
+    router: Arc<PciIrqRouter>,
+    irq: usize,
+    high: AtomicBool,
+}
+
+impl IrqLine for IsaSource {
+    fn set_level(&self, high: bool) {
+        self.router.isa_source_changed(self, high);
     }
 }
 
@@ -443,6 +491,29 @@ mod tests {
         assert!(m.irqs[10].level());
         d.set_level(false);
         assert_eq!(m.activity(), vec![(10, false, 1), (11, false, 1)]);
+    }
+
+    #[test]
+    fn board_source_and_a_pirq_on_the_same_isa_irq_do_not_clobber_each_other() {
+        let m = Machine::new();
+        m.seabios_setup();
+        // A guest routes PIRQA to IRQ 9, where the ACPI SCI also sits.
+        m.router.set_route(0, 9);
+        let sci = m.router.isa_line(9);
+        let nic = m.router.intx_line(1, 1); // PIRQA
+        sci.set_level(true);
+        nic.set_level(true);
+        sci.set_level(false);
+        assert!(m.irqs[9].level(), "the PCI function still asserts IRQ 9");
+        sci.set_level(true);
+        nic.set_level(false);
+        assert!(m.irqs[9].level(), "the SCI still asserts IRQ 9");
+        sci.set_level(false);
+        sci.set_level(false);
+        assert!(!m.irqs[9].level());
+        // Out-of-range board IRQs go nowhere (no panic).
+        m.router.isa_line(16).set_level(true);
+        m.router.isa_line(usize::MAX).set_level(true);
     }
 
     #[test]

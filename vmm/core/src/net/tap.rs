@@ -467,12 +467,18 @@ mod tests {
                 }
             }
             let to_guest = test_frame(guest_mac, [2, 0, 0, 0, 0, 9], b"from the host");
-            host.send(&to_guest);
+            // Sent again every 100 ms: the kernel may drop a frame sent while the
+            // device's queue is still being set up (seen once under heavy load).
+            let mut next_send = std::time::Instant::now();
             loop {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "frame never reached the card"
                 );
+                if std::time::Instant::now() >= next_send {
+                    host.send(&to_guest);
+                    next_send += std::time::Duration::from_millis(100);
+                }
                 let received = card.lock().unwrap().received.clone();
                 if received.contains(&to_guest) {
                     break;
