@@ -232,6 +232,58 @@ impl DetailsPage {
             &cpus,
         );
         hw.add(&cpu_row);
+        // Topology: sockets × cores × threads, or the default (one socket).
+        let topology = config.cpu_topology();
+        let manual = switch(config.topology.is_some());
+        let topo_spins: Vec<gtk::SpinButton> = [topology.sockets, topology.cores, topology.threads]
+            .iter()
+            .map(|&v| {
+                let s = spin(1.0, 255.0, 1.0, f64::from(v));
+                s.set_sensitive(config.topology.is_some());
+                s
+            })
+            .collect();
+        let topo_box = gtk::Box::new(gtk::Orientation::Horizontal, 6);
+        for (i, (spin_button, label)) in topo_spins
+            .iter()
+            .zip([tr("sockets"), tr("cores"), tr("threads")])
+            .enumerate()
+        {
+            if i > 0 {
+                topo_box.append(&gtk::Label::new(Some("×")));
+            }
+            spin_button.set_tooltip_text(Some(&label));
+            topo_box.append(spin_button);
+        }
+        topo_box.append(&manual);
+        let topo_row = adw::ActionRow::builder()
+            .title(tr("Topology"))
+            .subtitle(tr("Sockets × cores × threads; off: one socket"))
+            .build();
+        topo_row.add_suffix(&topo_box);
+        let apply_topology = {
+            let e = edit.clone();
+            let spins = topo_spins.clone();
+            let manual = manual.clone();
+            move || {
+                let topology = manual.is_active().then(|| vmm::CpuTopology {
+                    sockets: spins[0].value() as u32,
+                    cores: spins[1].value() as u32,
+                    threads: spins[2].value() as u32,
+                });
+                for s in &spins {
+                    s.set_sensitive(topology.is_some());
+                }
+                e(&|m| m.set_topology(topology));
+            }
+        };
+        for s in &topo_spins {
+            let apply = apply_topology.clone();
+            s.connect_value_changed(move |_| apply());
+        }
+        let apply = apply_topology.clone();
+        manual.connect_active_notify(move |_| apply());
+        hw.add(&topo_row);
         let memory = spin(16.0, 4_194_304.0, 64.0, config.memory_mib as f64);
         let e = edit.clone();
         memory.connect_value_changed(move |s| e(&|m| m.set_memory_mib(s.value() as u64)));
@@ -242,6 +294,7 @@ impl DetailsPage {
         );
         hw.add(&mem_row);
         self.rows.borrow_mut().insert("cpus", cpu_row);
+        self.rows.borrow_mut().insert("topology", topo_row);
         self.rows.borrow_mut().insert("memory", mem_row);
         page.add(&hw);
 
@@ -315,7 +368,11 @@ impl DetailsPage {
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| tr("Empty"));
             let r = adw::ActionRow::builder()
-                .title(format!("{title} {}", i + 1))
+                .title(format!(
+                    "{title} {} · {}",
+                    i + 1,
+                    super::details_model::drive_bus_label(i)
+                ))
                 .subtitle(&path)
                 .build();
             let choose = gtk::Button::from_icon_name("document-open-symbolic");

@@ -13,6 +13,8 @@ use vmm::config::{
 };
 use vmm::{ConfigError, VmConfig};
 
+use super::i18n::tr;
+
 /// Why an edit was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EditError {
@@ -62,6 +64,11 @@ impl DetailsModel {
 
     pub fn set_cpus(&mut self, cpus: u32) {
         self.config.cpus = cpus;
+    }
+
+    /// None: one socket with every vCPU a core (the default grouping).
+    pub fn set_topology(&mut self, topology: Option<vmm::CpuTopology>) {
+        self.config.topology = topology;
     }
 
     pub fn set_memory_mib(&mut self, mib: u64) {
@@ -254,10 +261,23 @@ impl DetailsModel {
     }
 }
 
+/// Where drive `index` sits on the IDE bus, in words ("IDE primary master", ...).
+pub fn drive_bus_label(index: usize) -> String {
+    let (channel, unit) = vmm::storage::ide_position(index);
+    let position = match (channel, unit) {
+        (0, 0) => tr("primary master"),
+        (0, _) => tr("primary slave"),
+        (1, 0) => tr("secondary master"),
+        _ => tr("secondary slave"),
+    };
+    format!("IDE {position}")
+}
+
 /// The row that shows errors of a `VmConfig::validate` field.
 pub fn row_for_field(field: &str) -> &'static str {
     match field.split('.').next().unwrap_or("") {
         "cpus" => "cpus",
+        "topology" => "topology",
         "memory_mib" => "memory",
         "display" => "display",
         "drives" => "drives",
@@ -397,5 +417,41 @@ mod tests {
         assert_eq!(m.saved.drives[1].path, Some(PathBuf::from("/new.iso")));
         assert_eq!(m.change_cdrom(0, None), Err(EditError::NotACdrom));
         assert_eq!(m.change_cdrom(7, None), Err(EditError::NoSuchDrive(7)));
+    }
+
+    #[test]
+    fn topology_edits_are_validated_in_their_own_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        let mut m = DetailsModel::new(VmConfig::default());
+        m.set_cpus(4);
+        m.set_topology(Some(vmm::CpuTopology {
+            sockets: 2,
+            cores: 1,
+            threads: 1,
+        }));
+        let e = m.save(&path).unwrap_err();
+        assert!(e.contains("make 2 vCPUs, but the VM has 4"), "{e}");
+        assert_eq!(row_for_field("topology"), "topology");
+        assert!(!path.exists(), "nothing written on error");
+        m.set_topology(Some(vmm::CpuTopology {
+            sockets: 2,
+            cores: 2,
+            threads: 1,
+        }));
+        m.save(&path).unwrap();
+        let saved = VmConfig::load(&path).unwrap();
+        assert_eq!(saved.cpu_topology().sockets, 2);
+        m.set_topology(None);
+        m.save(&path).unwrap();
+        assert_eq!(VmConfig::load(&path).unwrap().topology, None);
+    }
+
+    #[test]
+    fn drives_are_labelled_with_their_ide_position() {
+        assert_eq!(drive_bus_label(0), "IDE primary master");
+        assert_eq!(drive_bus_label(1), "IDE primary slave");
+        assert_eq!(drive_bus_label(2), "IDE secondary master");
+        assert_eq!(drive_bus_label(3), "IDE secondary slave");
     }
 }

@@ -93,6 +93,27 @@ pub fn confirm_force_off(
     d.present();
 }
 
+/// The guest did not hear the power button: explain, and offer to pull the plug.
+pub fn offer_force_off(parent: &impl IsA<gtk::Window>, name: &str, sender: &ComponentSender<App>) {
+    let d = adw::MessageDialog::new(
+        Some(parent),
+        Some(&format!("“{name}” {}", tr("does not respond to the power button"))),
+        Some(&tr(
+            "No operating system with ACPI support is listening yet (the VM may still be in its firmware or boot loader). Force it off instead? Unsaved work in the VM is lost.",
+        )),
+    );
+    d.add_response("cancel", &tr("Cancel"));
+    d.add_response("off", &tr("Force Off"));
+    d.set_response_appearance("off", adw::ResponseAppearance::Destructive);
+    d.set_close_response("cancel");
+    let s = sender.clone();
+    let name = name.to_string();
+    d.connect_response(Some("off"), move |_, _| {
+        s.input(AppMsg::ForceOffConfirmed(name.clone()))
+    });
+    d.present();
+}
+
 pub fn confirm_close(
     parent: &impl IsA<gtk::Window>,
     running: &[String],

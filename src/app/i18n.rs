@@ -239,6 +239,7 @@ msgstr[1] "Viele"
         let sources = [
             include_str!("console_page.rs"),
             include_str!("details.rs"),
+            include_str!("details_model.rs"),
             include_str!("dialogs.rs"),
             include_str!("library_page.rs"),
             include_str!("mod.rs"),

@@ -5,8 +5,9 @@
 //! second start activate the first. Running VMs are `Session`s polled on a timer for state,
 //! events and statistics. Closing the window with VMs running asks whether to stop them or
 //! keep them running in the background (the application is held, the window hidden; the
-//! next start shows it again). The power button is `power_off` until the engine has an ACPI
-//! power button, so guests do not shut down cleanly yet.
+//! next start shows it again). "Shut Down" presses the VM's ACPI power button: a guest OS
+//! that listens shuts down cleanly; when nothing listens (firmware, boot loader) the user is
+//! offered Force Off, which pulls the plug.
 
 pub mod console_page;
 pub mod details;
@@ -130,6 +131,11 @@ pub enum AppMsg {
         name: String,
         customize: bool,
     },
+    /// A VM started on a worker thread finished starting (or failed to).
+    Started {
+        name: String,
+        outcome: Result<Session, vmm::VmmError>,
+    },
     SaveDetails,
     /// Change (Some) or eject (None) the disc of CD-ROM drive n of the open VM.
     ChangeCd(usize, Option<PathBuf>),
@@ -170,6 +176,8 @@ pub struct App {
     library_dir: PathBuf,
     entries: Vec<(String, Result<VmConfig, String>)>,
     sessions: HashMap<String, Session>,
+    /// VMs being built and started on a worker thread.
+    starting: std::collections::HashSet<String>,
     library: library_page::LibraryPage,
     stack: gtk::Stack,
     view_stack: adw::ViewStack,
@@ -351,6 +359,7 @@ impl Component for App {
             library_dir,
             entries: Vec::new(),
             sessions: HashMap::new(),
+            starting: Default::default(),
             library,
             stack,
             view_stack,
@@ -377,7 +386,8 @@ impl Component for App {
         match msg {
             AppMsg::Refresh => self.reload(&sender),
             AppMsg::Tick => self.tick(),
-            AppMsg::Run(name) => self.run_vm(&name),
+            AppMsg::Run(name) => self.run_vm(&name, &sender),
+            AppMsg::Started { name, outcome } => self.started(name, outcome),
             AppMsg::PauseResume(name) => {
                 if let Some(s) = self.sessions.get(&name) {
                     let r = if s.state() == VmState::Paused {
@@ -390,10 +400,14 @@ impl Component for App {
                 self.tick();
             }
             AppMsg::PowerButton(name) => {
-                // No ACPI power button yet: this pulls the plug (NVRAM is saved).
                 if let Some(s) = self.sessions.get(&name) {
-                    let r = s.handle.power_off();
-                    self.report(r, &tr("Cannot shut down the VM"));
+                    match s.handle.press_power_button() {
+                        Ok(vmm::PowerButton::Delivered) => self.shutdown_toast(&name),
+                        Ok(vmm::PowerButton::NotListening) => {
+                            dialogs::offer_force_off(&self.window, &name, &sender)
+                        }
+                        Err(e) => self.error(&tr("Cannot shut down the VM"), &e.to_string()),
+                    }
                 }
                 self.tick();
             }
@@ -464,7 +478,7 @@ impl Component for App {
                 if customize {
                     self.open_vm(&name, Some(VmTab::Details));
                 } else {
-                    self.run_vm(&name);
+                    self.run_vm(&name, &sender);
                     self.open_vm(&name, Some(VmTab::Console));
                 }
             }
@@ -589,11 +603,12 @@ impl App {
             .and_then(|e| e.1.as_ref().ok().cloned())
     }
 
-    fn run_vm(&mut self, name: &str) {
-        if self
-            .sessions
-            .get(name)
-            .is_some_and(|s| matches!(s.state(), VmState::Running | VmState::Paused))
+    fn run_vm(&mut self, name: &str, sender: &ComponentSender<Self>) {
+        if self.starting.contains(name)
+            || self
+                .sessions
+                .get(name)
+                .is_some_and(|s| matches!(s.state(), VmState::Running | VmState::Paused))
         {
             return;
         }
@@ -602,11 +617,26 @@ impl App {
             Ok(c) => c,
             Err(e) => return self.error(&tr("Cannot start the VM"), &e.to_string()),
         };
-        match Session::start(config) {
+        let s = sender.clone();
+        let vm = name.to_string();
+        let spawned = Session::start_in_background(config, move |outcome| {
+            s.input(AppMsg::Started { name: vm, outcome });
+        });
+        match spawned {
+            Ok(()) => {
+                self.starting.insert(name.to_string());
+            }
+            Err(e) => self.error(&tr("Cannot start the VM"), &e.to_string()),
+        }
+    }
+
+    fn started(&mut self, name: String, outcome: Result<Session, vmm::VmmError>) {
+        self.starting.remove(&name);
+        match outcome {
             Ok(s) => {
-                self.sessions.insert(name.to_string(), s);
-                self.library.update_vm(name, &VmState::Running, None);
-                if self.current.as_deref() == Some(name) {
+                self.sessions.insert(name.clone(), s);
+                self.library.update_vm(&name, &VmState::Running, None);
+                if self.current.as_deref() == Some(name.as_str()) {
                     self.attach_current();
                 }
             }
@@ -780,6 +810,16 @@ impl App {
 
     fn toast(&self, text: &str) {
         self.toasts.add_toast(adw::Toast::new(text));
+    }
+
+    /// "Shutting down “name”…" with a Force Off button for a guest that takes too long.
+    fn shutdown_toast(&self, name: &str) {
+        let toast = adw::Toast::new(&format!("{} “{name}”…", tr("Shutting down")));
+        toast.set_button_label(Some(&tr("Force Off")));
+        toast.set_action_name(Some("app.force-off"));
+        toast.set_action_target_value(Some(&name.to_variant()));
+        toast.set_timeout(10);
+        self.toasts.add_toast(toast);
     }
 
     fn error(&self, title: &str, body: &str) {

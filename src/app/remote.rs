@@ -1,18 +1,34 @@
 //! A VNC client session for showing a remote VM in the console: connects with `vnc-rs` on a
 //! tokio runtime of its own thread, assembles the server's updates (desktop size, raw
 //! rectangles, copy rectangles) into a local XRGB8888 framebuffer with a generation counter
-//! (like the engine's display), and sends keys (evdev codes turned into X11 keysyms) and the
-//! absolute pointer back.
+//! (like the engine's display), and sends keys and the absolute pointer back. Keys arrive as
+//! evdev codes and leave as the X11 keysyms a US layout gives with the Shift, AltGr and Caps
+//! Lock state the session follows (`deskvm_ui::keysym::KeyboardState`); typed text goes out
+//! as each character's keysym with Shift around it where the US layout needs it.
+//!
+//! The TCP stream is watched during the RFB handshake ([`TappedStream`]) to learn the
+//! desktop name (`vnc-rs` keeps it to itself) and to refuse what `vnc-rs` would mishandle:
+//! a SecurityResult other than 0 or 1, a desktop name longer than [`MAX_NAME_LEN`] (it
+//! would allocate it whole) and an endless handshake (more than [`HANDSHAKE_LIMIT`] bytes).
 //!
 //! Supported: RFB 3.3–3.8 with no authentication or VNC Authentication (what `vnc-rs`
-//! speaks), the Raw, CopyRect and ZRLE encodings and DesktopSize. Not supported: Tight/JPEG,
-//! the server's cursor image (the local pointer is shown), clipboard and bell. Frames larger
-//! than [`MAX_DIMENSION`] in either direction are clipped. GTK-free, so tests can drive it.
+//! speaks), the Raw, CopyRect and ZRLE encodings and DesktopSize, screenshots of the remote
+//! frame as PNG (through gdk-pixbuf, no GTK widgets). Not supported: QEMU's Extended Key
+//! Event (`vnc-rs` can neither announce pseudo-encoding -258 nor send message 255, so keys
+//! go by keysym only), Tight/JPEG, the server's cursor image (the local pointer is shown),
+//! clipboard and bell. Frames larger than [`MAX_DIMENSION`] in either direction are
+//! clipped. A server sending SetColorMapEntries makes `vnc-rs`'s decoder task panic; tokio
+//! contains it and the session ends as closed.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use deskvm_ui::keysym::{text_to_keysym_events, KeyboardState};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use vnc::{PixelFormat, VncConnector, VncEncoding, VncError, VncEvent, X11Event};
@@ -23,6 +39,12 @@ pub const MAX_DIMENSION: u32 = 8192;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an incremental update is requested.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(30);
+/// The longest desktop name accepted from a server, in bytes.
+pub const MAX_NAME_LEN: u32 = 16 * 1024;
+/// The most bytes a server may send before its ServerInit message is complete.
+pub const HANDSHAKE_LIMIT: usize = 64 * 1024;
+/// The most characters of the desktop name shown.
+const SHOWN_NAME_CHARS: usize = 120;
 
 /// Where to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +74,15 @@ pub enum RemoteError {
     Protocol(String),
     #[error("Cannot start the connection thread: {0}")]
     Thread(String),
+}
+
+/// Why a screenshot of the remote screen was not saved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScreenshotError {
+    #[error("There is no remote screen to save yet")]
+    NoFrame,
+    #[error("Cannot write the screenshot to {path}: {reason}")]
+    Write { path: String, reason: String },
 }
 
 /// Where a session is.
@@ -202,10 +233,54 @@ pub struct RemoteFrame {
     pub pixels: Vec<u8>,
 }
 
+impl RemoteFrame {
+    /// The frame as packed 8-bit RGB rows (for PNG).
+    fn to_rgb(&self) -> Vec<u8> {
+        self.pixels
+            .chunks_exact(4)
+            .flat_map(|bgrx| [bgrx[2], bgrx[1], bgrx[0]])
+            .collect()
+    }
+
+    /// Writes the frame to `path` as an RGB PNG.
+    pub fn save_png(&self, path: &Path) -> Result<(), ScreenshotError> {
+        use gtk::gdk_pixbuf::{Colorspace, Pixbuf};
+        let write_error = |reason: String| ScreenshotError::Write {
+            path: path.display().to_string(),
+            reason,
+        };
+        let (Ok(width), Ok(height)) = (i32::try_from(self.width), i32::try_from(self.height))
+        else {
+            return Err(write_error("the frame is too large".into()));
+        };
+        if width == 0 || height == 0 {
+            return Err(ScreenshotError::NoFrame);
+        }
+        let rgb = self.to_rgb();
+        if rgb.len() != self.width as usize * self.height as usize * 3 {
+            return Err(write_error("the frame is incomplete".into()));
+        }
+        let pixbuf = Pixbuf::from_bytes(
+            &gtk::glib::Bytes::from_owned(rgb),
+            Colorspace::Rgb,
+            false,
+            8,
+            width,
+            height,
+            width * 3,
+        );
+        pixbuf
+            .savev(path, "png", &[])
+            .map_err(|e| write_error(e.to_string()))
+    }
+}
+
 struct SharedState {
     status: RemoteStatus,
     frame: RemoteFramebuffer,
     generation: u64,
+    /// The name the server gave its desktop in ServerInit, cleaned for display.
+    desktop_name: Option<String>,
 }
 
 struct Shared {
@@ -242,6 +317,7 @@ pub struct RemoteSession {
     #[allow(dead_code)] // used by tests/remote_vnc.rs
     target: RemoteTarget,
     shared: Arc<Shared>,
+    keyboard: Mutex<KeyboardState>,
     commands: mpsc::UnboundedSender<Command>,
     /// Dropped to stop the session thread.
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -255,6 +331,7 @@ impl RemoteSession {
                 status: RemoteStatus::Connecting,
                 frame: RemoteFramebuffer::default(),
                 generation: 0,
+                desktop_name: None,
             }),
             changed: Condvar::new(),
         });
@@ -290,6 +367,7 @@ impl RemoteSession {
         RemoteSession {
             target,
             shared,
+            keyboard: Mutex::new(KeyboardState::new()),
             commands,
             _stop: stop,
         }
@@ -298,6 +376,11 @@ impl RemoteSession {
     #[allow(dead_code)] // used by tests/remote_vnc.rs
     pub fn target(&self) -> &RemoteTarget {
         &self.target
+    }
+
+    /// The desktop name the server sent (None before connecting or when it sent none).
+    pub fn desktop_name(&self) -> Option<String> {
+        self.shared.lock().desktop_name.clone()
     }
 
     pub fn status(&self) -> RemoteStatus {
@@ -373,9 +456,49 @@ impl RemoteSession {
         self.shared.lock().frame.pixel(x, y)
     }
 
-    /// A key press or release as a Linux evdev code; keys without a keysym are dropped.
+    /// Writes the remote screen to `path` as a PNG file.
+    pub fn screenshot_png(&self, path: &Path) -> Result<(), ScreenshotError> {
+        let frame = self.frame_since(0).ok_or(ScreenshotError::NoFrame)?.1;
+        frame.save_png(path)
+    }
+
+    fn keyboard(&self) -> MutexGuard<'_, KeyboardState> {
+        self.keyboard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A key press or release as a Linux evdev code, sent as the keysym the US layout gives
+    /// with the Shift, AltGr and Caps Lock state so far; keys without a keysym are dropped.
     pub fn key(&self, evdev_code: u16, down: bool) {
-        if let Some(keysym) = deskvm_ui::keysym::evdev_to_keysym(evdev_code) {
+        for (keysym, down) in self.keyboard().key(evdev_code, down) {
+            let _ = self.commands.send(Command::Key(keysym, down));
+        }
+    }
+
+    /// Whether Caps Lock is on as far as the session knows (it assumes off at the start).
+    #[allow(dead_code)] // used by tests/remote_vnc.rs
+    pub fn caps_lock(&self) -> bool {
+        self.keyboard().caps_lock()
+    }
+
+    /// A keysym press or release as it is (typing text, see [`text_to_keysym_events`]).
+    pub fn keysym(&self, keysym: u32, down: bool) {
+        let _ = self.commands.send(Command::Key(keysym, down));
+    }
+
+    /// Types `text` at once on a US layout; returns how many characters had no key and were
+    /// skipped. (The console paces long texts itself with [`RemoteSession::keysym`].)
+    #[allow(dead_code)] // used by tests/remote_vnc.rs
+    pub fn type_text(&self, text: &str) -> usize {
+        let (events, skipped) = text_to_keysym_events(text);
+        for (keysym, down) in events {
+            self.keysym(keysym, down);
+        }
+        skipped
+    }
+
+    /// Releases every key the session holds down (Caps Lock stays as it is).
+    pub fn release_all_keys(&self) {
+        for (keysym, down) in self.keyboard().release_all() {
             let _ = self.commands.send(Command::Key(keysym, down));
         }
     }
@@ -499,10 +622,254 @@ fn handshake_error(e: VncError) -> RemoteError {
     }
 }
 
-async fn connect(target: &RemoteTarget) -> Result<vnc::VncClient, RemoteError> {
-    let stream = open_tcp(target).await?;
+/// What the RFB handshake has shown so far, read from the bytes both sides sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HandshakeProgress {
+    /// More bytes are needed to know.
+    Incomplete,
+    /// The server refused the connection or the password; `reason_len` is the length
+    /// it announced for its reason text, when it sends one.
+    Refused { reason_len: Option<u32> },
+    /// A security type `vnc-rs` does not speak: it stops by itself.
+    Unsupported,
+    /// The SecurityResult is neither 0 (OK) nor 1 (failed).
+    BadSecurityResult(u32),
+    /// ServerInit has started; its name is `name_len` bytes, `name` has those that came.
+    ServerInit { name_len: u32, name: Vec<u8> },
+}
+
+fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Follows the RFB handshake (RFC 6143 §7.1–7.3) over the bytes the server and the client
+/// sent: the protocol version the client chose, the security types, the challenge and
+/// SecurityResult of VNC Authentication, then ServerInit.
+fn handshake_progress(server: &[u8], client: &[u8]) -> HandshakeProgress {
+    use HandshakeProgress::*;
+    const VERSION_LEN: usize = 12;
+    const SECURITY_NONE: u32 = 1;
+    const SECURITY_VNC_AUTH: u32 = 2;
+    if server.len() < VERSION_LEN {
+        return Incomplete;
+    }
+    // The client answers with the version both speak ("RFB 003.008\n").
+    let Some(minor) = client
+        .get(8..11)
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .and_then(|digits| digits.parse::<u32>().ok())
+    else {
+        return Incomplete;
+    };
+    let mut at = VERSION_LEN;
+    let chosen = if minor >= 7 {
+        let Some(&count) = server.get(at) else {
+            return Incomplete;
+        };
+        at += 1;
+        if count == 0 {
+            return Refused {
+                reason_len: be_u32(server, at),
+            };
+        }
+        at += usize::from(count);
+        if server.len() < at {
+            return Incomplete;
+        }
+        match client.get(VERSION_LEN) {
+            Some(&chosen) => u32::from(chosen),
+            None => return Incomplete,
+        }
+    } else {
+        let Some(chosen) = be_u32(server, at) else {
+            return Incomplete;
+        };
+        at += 4;
+        if chosen == 0 {
+            return Refused {
+                reason_len: be_u32(server, at),
+            };
+        }
+        chosen
+    };
+    let result_at = match chosen {
+        SECURITY_NONE if minor >= 8 => Some(at),
+        SECURITY_NONE => None,
+        SECURITY_VNC_AUTH => Some(at + 16),
+        _ => return Unsupported,
+    };
+    if let Some(result_at) = result_at {
+        let Some(result) = be_u32(server, result_at) else {
+            return Incomplete;
+        };
+        at = result_at + 4;
+        match result {
+            0 => {}
+            1 => {
+                return Refused {
+                    reason_len: if minor >= 8 { be_u32(server, at) } else { None },
+                }
+            }
+            other => return BadSecurityResult(other),
+        }
+    }
+    // ServerInit: width, height, pixel format (20 bytes), name length, name.
+    let Some(name_len) = be_u32(server, at + 20) else {
+        return Incomplete;
+    };
+    let name_at = at + 24;
+    let name_end = name_at.saturating_add(name_len as usize).min(server.len());
+    ServerInit {
+        name_len,
+        name: server.get(name_at..name_end).unwrap_or_default().to_vec(),
+    }
+}
+
+/// A desktop name as shown: UTF-8 (or Latin-1 when it is not), without control
+/// characters, trimmed and shortened; None when nothing is left.
+fn clean_desktop_name(raw: &[u8]) -> Option<String> {
+    let text = match std::str::from_utf8(raw) {
+        Ok(text) => text.to_string(),
+        Err(_) => raw.iter().map(|b| char::from(*b)).collect(),
+    };
+    let cleaned: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let trimmed = cleaned.trim();
+    if trimmed.is_empty() {
+        return None;
+    }
+    let mut shown: String = trimmed.chars().take(SHOWN_NAME_CHARS).collect();
+    if trimmed.chars().count() > SHOWN_NAME_CHARS {
+        shown.push('…');
+    }
+    Some(shown)
+}
+
+/// The handshake bytes seen by a [`TappedStream`].
+#[derive(Debug, Default)]
+struct HandshakeLog {
+    from_server: Vec<u8>,
+    from_client: Vec<u8>,
+    /// The raw desktop name, once ServerInit is complete (then nothing more is logged).
+    name: Option<Vec<u8>>,
+}
+
+impl HandshakeLog {
+    /// Logs bytes the server sent and checks the handshake so far; an error ends it.
+    fn on_server_bytes(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if self.name.is_some() || bytes.is_empty() {
+            return Ok(());
+        }
+        self.from_server.extend_from_slice(bytes);
+        match handshake_progress(&self.from_server, &self.from_client) {
+            HandshakeProgress::BadSecurityResult(result) => {
+                return Err(format!(
+                    "the server sent an invalid security result ({result})"
+                ))
+            }
+            HandshakeProgress::Refused {
+                reason_len: Some(len),
+            } if len > MAX_NAME_LEN => {
+                return Err(format!("the server sent a refusal text of {len} bytes"))
+            }
+            HandshakeProgress::ServerInit { name_len, .. } if name_len > MAX_NAME_LEN => {
+                return Err(format!(
+                    "the server sent a desktop name of {name_len} bytes"
+                ))
+            }
+            HandshakeProgress::ServerInit { name_len, name } if name.len() == name_len as usize => {
+                self.name = Some(name);
+                self.from_server = Vec::new();
+                self.from_client = Vec::new();
+                return Ok(());
+            }
+            _ => {}
+        }
+        if self.from_server.len() > HANDSHAKE_LIMIT {
+            return Err(format!(
+                "the server sent more than {HANDSHAKE_LIMIT} bytes before its desktop description"
+            ));
+        }
+        Ok(())
+    }
+
+    fn on_client_bytes(&mut self, bytes: &[u8]) {
+        if self.name.is_none() && self.from_client.len() < HANDSHAKE_LIMIT {
+            self.from_client.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// The TCP stream given to `vnc-rs`, watching the handshake through a [`HandshakeLog`].
+struct TappedStream {
+    inner: TcpStream,
+    log: Arc<Mutex<HandshakeLog>>,
+}
+
+impl TappedStream {
+    fn log(&self) -> MutexGuard<'_, HandshakeLog> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl AsyncRead for TappedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            let fresh = buf.filled().get(before..).unwrap_or_default();
+            if let Err(reason) = this.log().on_server_bytes(fresh) {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    reason,
+                )));
+            }
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for TappedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = &poll {
+            this.log()
+                .on_client_bytes(buf.get(..*written).unwrap_or_default());
+        }
+        poll
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A connected client and the desktop name the server sent.
+async fn connect(target: &RemoteTarget) -> Result<(vnc::VncClient, Option<String>), RemoteError> {
+    let log = Arc::new(Mutex::new(HandshakeLog::default()));
+    let stream = TappedStream {
+        inner: open_tcp(target).await?,
+        log: Arc::clone(&log),
+    };
     type Password = std::future::Ready<Result<String, VncError>>;
-    let mut connector = VncConnector::<TcpStream, Password>::new(stream)
+    let mut connector = VncConnector::<TappedStream, Password>::new(stream)
         .add_encoding(VncEncoding::Zrle)
         .add_encoding(VncEncoding::CopyRect)
         .add_encoding(VncEncoding::Raw)
@@ -522,12 +889,19 @@ async fn connect(target: &RemoteTarget) -> Result<vnc::VncClient, RemoteError> {
             .finish()
             .map_err(handshake_error)
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+    let client = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
         .await
         .map_err(|_| RemoteError::Timeout {
             addr: format!("{}:{}", target.host.trim(), target.port),
             seconds: CONNECT_TIMEOUT.as_secs(),
-        })?
+        })??;
+    let name = log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .name
+        .as_deref()
+        .and_then(clean_desktop_name);
+    Ok((client, name))
 }
 
 /// Connects and then applies the server's updates and forwards input until either side
@@ -538,7 +912,10 @@ async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     let client = match connect(&target).await {
-        Ok(c) => c,
+        Ok((client, name)) => {
+            shared.lock().desktop_name = name;
+            client
+        }
         Err(e) => return shared.set_status(RemoteStatus::Failed(e)),
     };
     shared.set_status(RemoteStatus::Connected);
@@ -738,6 +1115,216 @@ mod tests {
         assert!(matches!(
             handshake_error(VncError::WrongServerMessage),
             RemoteError::Protocol(_)
+        ));
+    }
+
+    const V38: &[u8; 12] = b"RFB 003.008\n";
+    const V37: &[u8; 12] = b"RFB 003.007\n";
+    const V33: &[u8; 12] = b"RFB 003.003\n";
+
+    fn server_init(name: &[u8]) -> Vec<u8> {
+        let mut init = vec![0, 64, 0, 48];
+        init.extend_from_slice(&[0; 16]);
+        init.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        init.extend_from_slice(name);
+        init
+    }
+
+    /// (server bytes, client bytes) of whole handshakes up to ServerInit named "Desk".
+    fn handshakes() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+        let init = server_init(b"Desk");
+        let cat = |parts: &[&[u8]]| parts.concat();
+        vec![
+            (
+                "3.8 none",
+                cat(&[V38, &[1, 1], &[0; 4], &init]),
+                cat(&[V38, &[1], &[1]]),
+            ),
+            (
+                "3.8 vnc auth",
+                cat(&[V38, &[2, 16, 2], &[7; 16], &[0; 4], &init]),
+                cat(&[V38, &[2], &[9; 16], &[1]]),
+            ),
+            (
+                "3.7 none",
+                cat(&[V37, &[1, 1], &init]),
+                cat(&[V37, &[1], &[1]]),
+            ),
+            (
+                "3.7 vnc auth",
+                cat(&[V37, &[1, 2], &[7; 16], &[0; 4], &init]),
+                cat(&[V37, &[2], &[9; 16], &[1]]),
+            ),
+            (
+                "3.3 none",
+                cat(&[V33, &[0, 0, 0, 1], &init]),
+                cat(&[V33, &[1]]),
+            ),
+            (
+                "3.3 vnc auth",
+                cat(&[V33, &[0, 0, 0, 2], &[7; 16], &[0; 4], &init]),
+                cat(&[V33, &[9; 16], &[1]]),
+            ),
+        ]
+    }
+
+    #[test]
+    fn the_desktop_name_is_found_after_every_kind_of_handshake() {
+        for (kind, server, client) in handshakes() {
+            assert_eq!(
+                handshake_progress(&server, &client),
+                HandshakeProgress::ServerInit {
+                    name_len: 4,
+                    name: b"Desk".to_vec()
+                },
+                "{kind}"
+            );
+            // Fed in pieces, the log holds the name once ServerInit is complete.
+            let mut log = HandshakeLog::default();
+            log.on_client_bytes(&client);
+            for piece in server.chunks(3) {
+                assert_eq!(log.on_server_bytes(piece), Ok(()), "{kind}");
+            }
+            assert_eq!(log.name.as_deref(), Some(&b"Desk"[..]), "{kind}");
+            // Framebuffer updates after it are not logged or checked.
+            assert_eq!(log.on_server_bytes(&[0xff; 100_000]), Ok(()));
+            assert!(log.from_server.is_empty());
+            // Any shorter prefix is still incomplete or in ServerInit without the name.
+            for cut in 0..server.len() {
+                match handshake_progress(&server[..cut], &client) {
+                    HandshakeProgress::Incomplete => {}
+                    HandshakeProgress::ServerInit { name, .. } => assert!(name.len() < 4),
+                    other => panic!("{kind} cut at {cut}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_security_result_other_than_ok_or_failed_ends_the_handshake() {
+        let server = [V38.as_slice(), &[1, 2], &[7; 16], &[0, 0, 0, 2]].concat();
+        let client = [V38.as_slice(), &[2], &[9; 16]].concat();
+        assert_eq!(
+            handshake_progress(&server, &client),
+            HandshakeProgress::BadSecurityResult(2)
+        );
+        let mut log = HandshakeLog::default();
+        log.on_client_bytes(&client);
+        let error = log.on_server_bytes(&server).unwrap_err();
+        assert!(error.contains("security result"), "{error}");
+        // A plain failure is left to vnc-rs (it reports the wrong password).
+        let failed = [
+            V38.as_slice(),
+            &[1, 2],
+            &[7; 16],
+            &[0, 0, 0, 1],
+            &[0, 0, 0, 5],
+        ]
+        .concat();
+        assert_eq!(
+            handshake_progress(&failed, &client),
+            HandshakeProgress::Refused {
+                reason_len: Some(5)
+            }
+        );
+        let mut log = HandshakeLog::default();
+        log.on_client_bytes(&client);
+        assert_eq!(log.on_server_bytes(&failed), Ok(()));
+    }
+
+    #[test]
+    fn huge_names_refusal_texts_and_endless_handshakes_are_refused() {
+        let client = [V38.as_slice(), &[1], &[1]].concat();
+        let mut huge_name = [V38.as_slice(), &[1, 1], &[0; 4], &server_init(b"")].concat();
+        let len_at = huge_name.len() - 4;
+        huge_name[len_at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        let mut log = HandshakeLog::default();
+        log.on_client_bytes(&client);
+        let error = log.on_server_bytes(&huge_name).unwrap_err();
+        assert!(error.contains("desktop name"), "{error}");
+
+        let refusal = [V38.as_slice(), &[0], &[0xff, 0xff, 0xff, 0xff]].concat();
+        let mut log = HandshakeLog::default();
+        log.on_client_bytes(&client);
+        assert!(log.on_server_bytes(&refusal).is_err());
+
+        // A refusal with a short announced length but endless text.
+        let refusal = [V38.as_slice(), &[0], &[0, 0, 0, 4]].concat();
+        let mut log = HandshakeLog::default();
+        log.on_client_bytes(&client);
+        assert_eq!(log.on_server_bytes(&refusal), Ok(()));
+        let mut result = Ok(());
+        for _ in 0..100 {
+            result = log.on_server_bytes(&[b'x'; 1024]);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(result.unwrap_err().contains("more than"));
+
+        // Unknown security types and garbage never panic.
+        let odd = [V38.as_slice(), &[1, 99], &[0; 64]].concat();
+        let odd_client = [V38.as_slice(), &[99]].concat();
+        assert_eq!(
+            handshake_progress(&odd, &odd_client),
+            HandshakeProgress::Unsupported
+        );
+        for len in 0..64 {
+            let junk: Vec<u8> = (0..len).map(|i| (i * 37 % 251) as u8).collect();
+            let _ = handshake_progress(&junk, &junk);
+            let _ = handshake_progress(&junk, V33);
+            let _ = handshake_progress(&junk, V38);
+        }
+    }
+
+    #[test]
+    fn desktop_names_are_cleaned_for_the_title() {
+        assert_eq!(
+            clean_desktop_name(b"QEMU (win11)").as_deref(),
+            Some("QEMU (win11)")
+        );
+        assert_eq!(
+            clean_desktop_name(b" a\nb\x1b[31m ").as_deref(),
+            Some("a b [31m")
+        );
+        assert_eq!(
+            clean_desktop_name("Büro".as_bytes()).as_deref(),
+            Some("Büro")
+        );
+        // Not UTF-8: read as Latin-1.
+        assert_eq!(clean_desktop_name(b"B\xfcro").as_deref(), Some("Büro"));
+        assert_eq!(clean_desktop_name(b""), None);
+        assert_eq!(clean_desktop_name(b" \t\x00 "), None);
+        let long = clean_desktop_name(&[b'x'; 1000]).unwrap();
+        assert_eq!(long.chars().count(), SHOWN_NAME_CHARS + 1);
+        assert!(long.ends_with('…'));
+    }
+
+    #[test]
+    fn frames_become_rgb_rows_for_png() {
+        let frame = RemoteFrame {
+            width: 2,
+            height: 1,
+            pixels: vec![0x30, 0x20, 0x10, 0, 0xcc, 0xbb, 0xaa, 0xff],
+        };
+        assert_eq!(frame.to_rgb(), vec![0x10, 0x20, 0x30, 0xaa, 0xbb, 0xcc]);
+        let empty = RemoteFrame {
+            width: 0,
+            height: 0,
+            pixels: Vec::new(),
+        };
+        assert_eq!(
+            empty.save_png(Path::new("/nonexistent/x.png")),
+            Err(ScreenshotError::NoFrame)
+        );
+        let short = RemoteFrame {
+            width: 4,
+            height: 4,
+            pixels: vec![0; 8],
+        };
+        assert!(matches!(
+            short.save_png(Path::new("/nonexistent/x.png")),
+            Err(ScreenshotError::Write { .. })
         ));
     }
 }

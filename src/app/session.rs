@@ -25,7 +25,28 @@ pub struct Poll {
     pub stats: VmStats,
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("state", &self.handle.state())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Session {
+    /// Builds and starts the VM on a worker thread (opening images, allocating guest RAM
+    /// and loading firmware take long enough to stall the window), then hands the
+    /// outcome to `done` on that thread.
+    pub fn start_in_background(
+        config: VmConfig,
+        done: impl FnOnce(Result<Self, vmm::VmmError>) + Send + 'static,
+    ) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name(format!("start {}", config.name))
+            .spawn(move || done(Self::start(config)))
+            .map(|_| ())
+    }
+
     /// Builds the VM and starts it.
     pub fn start(config: VmConfig) -> Result<Self, vmm::VmmError> {
         let handle = Arc::new(VmHandle::create(config)?);

@@ -532,6 +532,7 @@ impl WizardModel {
             },
             memory_mib: self.memory_mib,
             cpus: self.cpus,
+            topology: None,
             nvram: Some(vm_dir.join("nvram.toml")),
             drives: layout,
             boot_order: match self.source {

@@ -401,8 +401,16 @@ def main():
         activate(tab(window, "Console"))
         time.sleep(0.5)
         check("the console is back", screen.wait_text(r"Entry.?(One|Two)", 10))
+        # GRUB does not listen to the ACPI power button: Shut Down says so and offers
+        # Force Off.
         console_button(window, "Shut Down").doActionNamed("click")
-        check("Shut Down stops the VM", wait_for(
+        check("Shut Down on a guest without ACPI explains it does not respond", wait_for(
+            "dialog", lambda: label_containing(app, "does not respond to the power button"),
+            10))
+        force = wait_for("force", lambda: button(app, "Force Off"), 10)
+        check("and offers Force Off", force is not None)
+        force.doActionNamed("click")
+        check("Force Off stops the VM", wait_for(
             "stopped", lambda: console_button(window, "Pause") is None
             and console_button(window, "Run") is not None, 15))
         button(window, "Back").doActionNamed("click")

@@ -264,6 +264,57 @@ pub struct InputConfig {
     pub usb_keyboard: bool,
 }
 
+/// How the vCPUs are grouped as the guest sees them (CPUID leaves 1, 4, 0xb/0x1f and
+/// 0x80000008, and the APIC IDs): `sockets × cores × threads` must equal the vCPU count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuTopology {
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+}
+
+/// Bits of the APIC ID a level with `n` members takes (0 for one member).
+fn id_bits(n: u32) -> u32 {
+    32 - n.max(1).saturating_sub(1).leading_zeros()
+}
+
+impl CpuTopology {
+    /// One socket with every vCPU a core of its own (the default).
+    pub fn flat(cpus: u32) -> Self {
+        Self {
+            sockets: 1,
+            cores: cpus.max(1),
+            threads: 1,
+        }
+    }
+
+    pub fn cpus(&self) -> u64 {
+        u64::from(self.sockets)
+            .saturating_mul(u64::from(self.cores))
+            .saturating_mul(u64::from(self.threads))
+    }
+
+    /// APIC ID bits of the thread and core levels.
+    pub fn thread_bits(&self) -> u32 {
+        id_bits(self.threads)
+    }
+    pub fn core_bits(&self) -> u32 {
+        id_bits(self.cores)
+    }
+
+    /// The APIC ID of vCPU `index` (sockets, cores and threads packed as real CPUs do,
+    /// so IDs are sparse when a level is not a power of two).
+    pub fn apic_id(&self, index: u32) -> u32 {
+        let threads = self.threads.max(1);
+        let cores = self.cores.max(1);
+        let thread = index % threads;
+        let core = (index / threads) % cores;
+        let socket = index / (threads * cores);
+        (socket << (self.core_bits() + self.thread_bits())) | (core << self.thread_bits()) | thread
+    }
+}
+
 /// One virtual machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -280,6 +331,9 @@ pub struct VmConfig {
     pub memory_mib: u64,
     #[serde(default = "default_cpus")]
     pub cpus: u32,
+    /// None: one socket, `cpus` cores, one thread each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<CpuTopology>,
     #[serde(default)]
     pub firmware: FirmwareConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -318,6 +372,7 @@ impl Default for VmConfig {
             name: "vm".into(),
             memory_mib: default_memory_mib(),
             cpus: default_cpus(),
+            topology: None,
             firmware: FirmwareConfig::default(),
             linux_boot: None,
             serial: CharOutput::None,
@@ -342,6 +397,8 @@ pub const MAX_NICS: usize = 8;
 
 /// The most vCPUs a config may name; the host may allow fewer.
 pub const MAX_CPUS: u32 = 255;
+/// xAPIC IDs go up to 254 (255 is the broadcast ID).
+pub const MAX_APIC_ID: u32 = 255;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -362,6 +419,11 @@ pub enum ConfigError {
 }
 
 impl VmConfig {
+    /// The topology the guest sees (the configured one or the flat default).
+    pub fn cpu_topology(&self) -> CpuTopology {
+        self.topology.unwrap_or(CpuTopology::flat(self.cpus))
+    }
+
     /// Parses TOML text; `origin` names the file in error messages.
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let config: VmConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -443,6 +505,38 @@ impl VmConfig {
                 field: "cpus",
                 reason: format!("{} is not between 1 and {MAX_CPUS}", self.cpus),
             });
+        }
+        if let Some(t) = &self.topology {
+            if t.sockets == 0 || t.cores == 0 || t.threads == 0 {
+                return Err(ConfigError::Invalid {
+                    field: "topology",
+                    reason: "sockets, cores and threads must each be at least 1".into(),
+                });
+            }
+            if t.cpus() != u64::from(self.cpus) {
+                return Err(ConfigError::Invalid {
+                    field: "topology",
+                    reason: format!(
+                        "{} sockets × {} cores × {} threads make {} vCPUs, but the VM has {}",
+                        t.sockets,
+                        t.cores,
+                        t.threads,
+                        t.cpus(),
+                        self.cpus
+                    ),
+                });
+            }
+            let highest = t.apic_id(self.cpus - 1);
+            if highest >= MAX_APIC_ID {
+                return Err(ConfigError::Invalid {
+                    field: "topology",
+                    reason: format!(
+                        "this grouping needs APIC ID {highest}; the PC's interrupt controllers \
+                         address at most {}: use powers of two for cores and threads",
+                        MAX_APIC_ID - 1
+                    ),
+                });
+            }
         }
         if let Some(lb) = &self.linux_boot {
             if lb.cmdline.len() as u64 >= crate::layout::CMDLINE_MAX_SIZE {
@@ -620,6 +714,11 @@ mod tests {
             name: "deb".into(),
             memory_mib: 2048,
             cpus: 2,
+            topology: Some(CpuTopology {
+                sockets: 1,
+                cores: 1,
+                threads: 2,
+            }),
             firmware: FirmwareConfig {
                 bios: Some("/x/bios.bin".into()),
                 boot_menu: true,
@@ -830,5 +929,52 @@ mod tests {
         assert_eq!(names.len(), 1);
         let e = c.save(&dir.path().join("missing-dir/vm.toml")).unwrap_err();
         assert!(matches!(e, ConfigError::Write { .. }));
+    }
+
+    #[test]
+    fn cpu_topology_must_match_the_vcpu_count_and_fit_apic_ids() {
+        let mut c = VmConfig {
+            cpus: 4,
+            ..VmConfig::default()
+        };
+        assert_eq!(c.cpu_topology(), CpuTopology::flat(4));
+        c.topology = Some(CpuTopology {
+            sockets: 2,
+            cores: 2,
+            threads: 1,
+        });
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("[topology]"), "{text}");
+        assert_eq!(toml::from_str::<VmConfig>(&text).unwrap(), c);
+        c.cpus = 3;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("topology") && e.contains("make 4 vCPUs, but the VM has 3"),
+            "{e}"
+        );
+        c.topology = Some(CpuTopology {
+            sockets: 0,
+            cores: 3,
+            threads: 1,
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("at least 1"));
+        // 85 sockets of 3 cores: core IDs take 2 bits, so vCPU 254 (socket 84, core 2)
+        // needs APIC ID 338.
+        c.cpus = 255;
+        c.topology = Some(CpuTopology {
+            sockets: 85,
+            cores: 3,
+            threads: 1,
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("APIC ID 338"), "{e}");
+        // Overflowing products are refused, not wrapped.
+        c.topology = Some(CpuTopology {
+            sockets: u32::MAX,
+            cores: u32::MAX,
+            threads: 2,
+        });
+        assert!(c.validate().is_err());
     }
 }

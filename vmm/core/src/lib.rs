@@ -21,9 +21,9 @@ pub mod vm;
 pub mod vnc;
 
 pub use config::{
-    BootOrder, CharOutput, ConfigError, DisplayConfig, DriveConfig, DriveKind, FirmwareConfig,
-    InputConfig, LinuxBootConfig, NetBackendConfig, NicConfig, NicModel, OsInfo, PortForward,
-    VmConfig, VncConfig,
+    BootOrder, CharOutput, ConfigError, CpuTopology, DisplayConfig, DriveConfig, DriveKind,
+    FirmwareConfig, InputConfig, LinuxBootConfig, NetBackendConfig, NicConfig, NicModel, OsInfo,
+    PortForward, VmConfig, VncConfig,
 };
 pub use display::{CopyRect, CursorState, DisplayHandle, Frame, Rect};
 pub use error::VmmError;

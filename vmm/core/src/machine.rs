@@ -374,8 +374,11 @@ impl Machine {
 
         // fw_cfg: what SeaBIOS learns about the machine.
         let mut cfg = FwCfg::new(ram.mem.clone());
+        // Firmware enumerates APIC IDs below MAX_CPUS (sparse when the topology is).
+        let topology = config.cpu_topology();
+        let apic_id_limit = topology.apic_id(config.cpus.saturating_sub(1)) + 1;
         cfg.add_u16(fw_cfg::NB_CPUS, config.cpus as u16);
-        cfg.add_u16(fw_cfg::MAX_CPUS, config.cpus as u16);
+        cfg.add_u16(fw_cfg::MAX_CPUS, apic_id_limit as u16);
         cfg.add_u64(fw_cfg::RAM_SIZE, config.memory_mib << 20);
         cfg.add_u32(fw_cfg::IRQ0_OVERRIDE, 1);
         let fw_err = |e: fw_cfg::FwCfgError| VmmError::Device(format!("fw_cfg: {e}"));
@@ -653,10 +656,11 @@ impl Machine {
             .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for index in 0..config.cpus {
+            // KVM gives each vCPU the APIC ID of its id.
             let vcpu = vm
-                .create_vcpu(index as u64)
+                .create_vcpu(u64::from(topology.apic_id(index)))
                 .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
-            vcpu.set_cpuid2(&cpuid_for(&supported, index, config.cpus))
+            vcpu.set_cpuid2(&cpuid_for(&supported, index, &topology))
                 .map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
             let reset_state = ResetState::capture(&vcpu)?;
             vcpus.push((vcpu, reset_state));

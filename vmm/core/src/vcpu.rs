@@ -4,6 +4,7 @@
 //! the buses. The engine pauses, resumes, resets and stops vCPUs through [`RunControl`];
 //! a vCPU blocked in `KVM_RUN` is kicked out with a real-time signal.
 
+use crate::config::CpuTopology;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::Duration;
@@ -187,14 +188,17 @@ pub fn install_kick_handler() -> Result<()> {
 
 /// CPUID for vCPU `index` of `count`: KVM's supported set with a consistent topology of
 /// one socket with `count` cores, one thread each, APIC ID = index.
-pub fn cpuid_for(supported: &CpuId, index: u32, count: u32) -> CpuId {
+pub fn cpuid_for(supported: &CpuId, index: u32, topology: &CpuTopology) -> CpuId {
     let mut cpuid = supported.clone();
-    let core_bits = 32 - (count.max(1) - 1).leading_zeros();
+    let apic_id = topology.apic_id(index);
+    let thread_bits = topology.thread_bits();
+    let package_bits = thread_bits + topology.core_bits();
+    let per_package = topology.cores.max(1) * topology.threads.max(1);
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | (count.min(255) << 16);
-                if count > 1 {
+                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (per_package.min(255) << 16);
+                if per_package > 1 {
                     e.edx |= 1 << 28;
                 } else {
                     e.edx &= !(1 << 28);
@@ -204,20 +208,26 @@ pub fn cpuid_for(supported: &CpuId, index: u32, count: u32) -> CpuId {
             4 => {
                 let level = (e.eax >> 5) & 0x7;
                 if e.eax & 0x1f != 0 {
-                    let sharing = if level >= 3 { (1 << core_bits) - 1 } else { 0 };
-                    e.eax = (e.eax & 0x3fff) | (sharing << 14) | (((1 << core_bits) - 1) << 26);
+                    // L1/L2 shared by a core's threads, L3 by the package.
+                    let sharing = if level >= 3 {
+                        (1 << package_bits) - 1
+                    } else {
+                        (1 << thread_bits) - 1
+                    };
+                    let cores_field = (1u32 << topology.core_bits()) - 1;
+                    e.eax = (e.eax & 0x3fff) | (sharing << 14) | (cores_field << 26);
                 }
             }
             0xb | 0x1f => {
                 match e.index {
                     0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
+                        e.eax = thread_bits;
+                        e.ebx = topology.threads.max(1);
                         e.ecx = 1 << 8;
                     }
                     1 => {
-                        e.eax = core_bits;
-                        e.ebx = count;
+                        e.eax = package_bits;
+                        e.ebx = per_package;
                         e.ecx = (2 << 8) | 1;
                     }
                     i => {
@@ -226,10 +236,10 @@ pub fn cpuid_for(supported: &CpuId, index: u32, count: u32) -> CpuId {
                         e.ecx = i;
                     }
                 }
-                e.edx = index;
+                e.edx = apic_id;
             }
             0x8000_0008 => {
-                e.ecx = (e.ecx & !0xff) | (count - 1).min(255);
+                e.ecx = (e.ecx & !0xf0ff) | (package_bits << 12) | (per_package - 1).min(255);
             }
             _ => {}
         }
@@ -563,7 +573,7 @@ mod tests {
             entry(0xb, 2),
         ])
         .unwrap();
-        let c = cpuid_for(&supported, 2, 4);
+        let c = cpuid_for(&supported, 2, &CpuTopology::flat(4));
         let s = c.as_slice();
         assert_eq!(s[0].ebx >> 24, 2, "APIC ID");
         assert_eq!((s[0].ebx >> 16) & 0xff, 4, "logical processors");
@@ -574,8 +584,44 @@ mod tests {
         assert_eq!((s[3].eax, s[3].ebx, s[3].ecx >> 8), (2, 4, 2));
         assert!(s[2..].iter().all(|e| e.edx == 2), "x2APIC ID");
         assert_eq!(s[4].ebx, 0);
-        let single = cpuid_for(&supported, 0, 1);
+        let single = cpuid_for(&supported, 0, &CpuTopology::flat(1));
         assert_eq!(single.as_slice()[0].edx & (1 << 28), 0);
         assert_eq!(single.as_slice()[1].eax >> 26, 0);
+    }
+
+    #[test]
+    fn sockets_cores_and_threads_pack_into_sparse_apic_ids() {
+        let supported = CpuId::from_entries(&[
+            entry(1, 0),
+            entry(4, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x8000_0008, 0),
+        ])
+        .unwrap();
+        let t = CpuTopology {
+            sockets: 2,
+            cores: 3,
+            threads: 2,
+        };
+        // vCPU 7: socket 1, core 0, thread 1; core IDs take 2 bits, thread IDs 1 bit.
+        assert_eq!(t.apic_id(7), 0b1001); // socket 1, core 00, thread 1
+        assert_eq!(t.apic_id(5), 0b0101); // socket 0, core 10, thread 1
+        assert_eq!(t.apic_id(11), 0b1101); // socket 1, core 10, thread 1
+        let c = cpuid_for(&supported, 7, &t);
+        let s = c.as_slice();
+        assert_eq!(s[0].ebx >> 24, 9, "APIC ID");
+        assert_eq!((s[0].ebx >> 16) & 0xff, 6, "logical processors per package");
+        assert_eq!(s[1].eax >> 26, 3, "core ID space per package - 1");
+        assert_eq!(
+            (s[1].eax >> 14) & 0xfff,
+            1,
+            "L1 shared by the core's 2 threads"
+        );
+        assert_eq!((s[2].eax, s[2].ebx, s[2].ecx >> 8), (1, 2, 1), "SMT level");
+        assert_eq!((s[3].eax, s[3].ebx, s[3].ecx >> 8), (3, 6, 2), "core level");
+        assert!(s[2..4].iter().all(|e| e.edx == 9), "x2APIC ID");
+        assert_eq!(s[4].ecx & 0xff, 5, "threads per package - 1");
+        assert_eq!((s[4].ecx >> 12) & 0xf, 3, "APIC ID bits of the package");
     }
 }

@@ -519,8 +519,5 @@ fn apm_bios_power_off_goes_through_the_pm1a_control_register() {
     vm.start().unwrap();
     wait_stopped(&vm, &log);
     let text = read_text(&log);
-    assert!(
-        text.contains("APM-OFF") && !text.contains("FAIL"),
-        "{text}"
-    );
+    assert!(text.contains("APM-OFF") && !text.contains("FAIL"), "{text}");
 }

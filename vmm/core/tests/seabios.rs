@@ -52,6 +52,8 @@ fn seabios_reaches_boot_selection_and_esc_opens_the_boot_menu() {
         "PCI: init bdf=00:00.0 id=8086:1237",
         "PCI: init bdf=00:01.0 id=8086:7000",
         "Found 2 cpu(s) max supported 2 cpu(s)",
+        "PCI: init bdf=00:01.3 id=8086:7113",
+        "ACPI DSDT=",
         "PS2 keyboard initialized",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
@@ -65,6 +67,36 @@ fn seabios_reaches_boot_selection_and_esc_opens_the_boot_menu() {
     assert_eq!(vm.state(), VmState::Running);
     vm.power_off().unwrap();
     assert!(dir.path().join("nvram.toml").is_file(), "NVRAM not saved");
+}
+
+/// Two single-core sockets (CPUID tells two packages, no HTT): SeaBIOS finds both vCPUs.
+/// (Sparse APIC IDs need at least 3 vCPUs, more than these 2-core hosts may run; the
+/// packing is unit-tested in vcpu.rs and config.rs.)
+#[test]
+fn seabios_finds_every_vcpu_of_a_two_socket_topology() {
+    if require_kvm().is_none() {
+        return;
+    }
+    let Some(bios) = require_seabios() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = seabios_config(dir.path(), "topology", bios, 128);
+    config.cpus = 2;
+    config.topology = Some(vmm::CpuTopology {
+        sockets: 2,
+        cores: 1,
+        threads: 1,
+    });
+    let (vm, log) = start_until_debugcon_shows(config, "cpu(s) max supported");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let text = read_text(&log);
+    assert!(
+        text.contains("Found 2 cpu(s) max supported 2 cpu(s)"),
+        "{text}"
+    );
+    assert_eq!(vm.stats().vcpus.len(), 2);
+    vm.power_off().unwrap();
 }
 
 /// Network boot: with a boot file configured, each card model carries Debian's iPXE ROM
