@@ -74,34 +74,35 @@ pub fn confirm_force_off(
     name: &str,
     sender: &ComponentSender<App>,
 ) {
-    let d = adw::MessageDialog::new(
-        Some(parent),
-        Some(&format!("{} “{name}”?", tr("Force Off"))),
-        Some(&tr(
-            "This is like pulling the plug: unsaved work in the VM is lost.",
-        )),
+    force_off_dialog(
+        parent,
+        &format!("{} “{name}”?", tr("Force Off")),
+        &tr("This is like pulling the plug: unsaved work in the VM is lost."),
+        name,
+        sender,
     );
-    d.add_response("cancel", &tr("Cancel"));
-    d.add_response("off", &tr("Force Off"));
-    d.set_response_appearance("off", adw::ResponseAppearance::Destructive);
-    d.set_close_response("cancel");
-    let s = sender.clone();
-    let name = name.to_string();
-    d.connect_response(Some("off"), move |_, _| {
-        s.input(AppMsg::ForceOffConfirmed(name.clone()))
-    });
-    d.present();
 }
 
 /// The guest did not hear the power button: explain, and offer to pull the plug.
 pub fn offer_force_off(parent: &impl IsA<gtk::Window>, name: &str, sender: &ComponentSender<App>) {
-    let d = adw::MessageDialog::new(
-        Some(parent),
-        Some(&format!("“{name}” {}", tr("does not respond to the power button"))),
-        Some(&tr(
-            "No operating system with ACPI support is listening yet (the VM may still be in its firmware or boot loader). Force it off instead? Unsaved work in the VM is lost.",
-        )),
+    force_off_dialog(
+        parent,
+        &format!("“{name}” {}", tr("does not respond to the power button")),
+        &tr("No operating system with ACPI support is listening yet (the VM may still be in its firmware or boot loader). Force it off instead? Unsaved work in the VM is lost."),
+        name,
+        sender,
     );
+}
+
+/// Cancel / Force Off (destructive) with `heading` and `body`.
+fn force_off_dialog(
+    parent: &impl IsA<gtk::Window>,
+    heading: &str,
+    body: &str,
+    name: &str,
+    sender: &ComponentSender<App>,
+) {
+    let d = adw::MessageDialog::new(Some(parent), Some(heading), Some(body));
     d.add_response("cancel", &tr("Cancel"));
     d.add_response("off", &tr("Force Off"));
     d.set_response_appearance("off", adw::ResponseAppearance::Destructive);

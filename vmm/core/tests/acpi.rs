@@ -426,14 +426,6 @@ msg_failed: db "FAIL still running", 10, 0
     dw 0xaa55
 "#;
 
-fn boot_disk(dir: &Path, name: &str, image: &[u8]) -> PathBuf {
-    let path = dir.join(name);
-    let mut bytes = image.to_vec();
-    bytes.resize(1 << 20, 0);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
 fn disk_config(dir: &Path, name: &str, bios: PathBuf, disk: PathBuf) -> VmConfig {
     let mut config = seabios_config(dir, name, bios, 128);
     config.drives = vec![DriveConfig {
@@ -461,7 +453,7 @@ fn power_button_reaches_an_acpi_guest_that_then_powers_off_through_s5() {
     let dir = tempfile::tempdir().unwrap();
     let image = assemble(dir.path(), "acpi", PROGRAM);
     assert_eq!(image.len(), 9 * 512);
-    let disk = boot_disk(dir.path(), "acpi.img", &image);
+    let disk = raw_disk(dir.path(), "acpi.img", &image);
     let config = disk_config(dir.path(), "acpi", bios, disk);
     let (vm, log) = start_until_debugcon_shows(config, "TABLES");
     assert!(
@@ -512,7 +504,7 @@ fn apm_bios_power_off_goes_through_the_pm1a_control_register() {
     };
     let dir = tempfile::tempdir().unwrap();
     let sector = assemble(dir.path(), "apm", APM_BOOT_SECTOR);
-    let disk = boot_disk(dir.path(), "apm.img", &sector);
+    let disk = raw_disk(dir.path(), "apm.img", &sector);
     let config = disk_config(dir.path(), "apm", bios, disk);
     let log = debugcon_path(&config);
     let vm = VmHandle::create(config).unwrap();

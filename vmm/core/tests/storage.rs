@@ -304,13 +304,6 @@ mode:
 "#;
 
 /// A 1 MiB raw disk whose first bytes are `first`.
-fn raw_disk(dir: &Path, name: &str, first: &[u8]) -> PathBuf {
-    let path = dir.join(name);
-    let mut bytes = first.to_vec();
-    bytes.resize(1 << 20, 0);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
 
 fn run_tool(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().unwrap();

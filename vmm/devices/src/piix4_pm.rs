@@ -503,6 +503,7 @@ mod tests {
     use crate::irq::CountingIrq;
     use crate::pci::{BarEvent, PciRoot, RecordingBarMapper};
     use crate::system::RecordingControl;
+    use crate::test_support::TestRng;
     use std::sync::Mutex;
 
     const SLOT: (u8, u8) = (1, 3);
@@ -861,13 +862,8 @@ mod tests {
     fn hostile_guest_accesses_never_panic_and_keep_invariants() {
         let b = Board::new();
         b.seabios_setup();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = TestRng(0x9e37_79b9_7f4a_7c15);
+        let mut next = || rng.next();
         for _ in 0..20_000 {
             let r = next();
             let offset = r % 80; // past the 64-byte block too

@@ -112,6 +112,15 @@ pub fn grub_rescue_iso(
     Some(iso)
 }
 
+/// A 1 MiB raw disk image `dir`/`name` that starts with `first` (a boot sector or more).
+pub fn raw_disk(dir: &Path, name: &str, first: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    let mut bytes = first.to_vec();
+    bytes.resize(1 << 20, 0);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
 /// The text in `path` so far (empty when it does not exist yet).
 pub fn read_text(path: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
