@@ -303,8 +303,6 @@ mode:
     dw 0xaa55
 "#;
 
-/// A 1 MiB raw disk whose first bytes are `first`.
-
 fn run_tool(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().unwrap();
     let text = format!(
