@@ -196,6 +196,9 @@ pub enum WizardError {
     Unreadable { path: PathBuf, reason: String },
     #[error("{0} does not exist: choose another disk image")]
     ImageMissing(PathBuf),
+    /// Corrupt, of an unsupported kind, or in use by a running VM.
+    #[error("{0}")]
+    ImageUnusable(String),
     #[error("choose an ISO image or a disk image")]
     NoPathChosen,
     #[error("the name is empty: type a name for the VM")]
@@ -337,7 +340,11 @@ fn check_image(path: &Path) -> Result<(), WizardError> {
     if !path.is_file() {
         return Err(WizardError::ImageMissing(path.to_path_buf()));
     }
-    Ok(())
+    // Opened (and closed again) as the new VM will open it: a corrupt image or one a
+    // running VM writes is refused here, before any VM folder is written.
+    vmm::storage::check_usable(path, false)
+        .map(|_| ())
+        .map_err(|e| WizardError::ImageUnusable(e.to_string()))
 }
 
 /// Checks a VM name against the library's names (the same rules as the library folder).
@@ -676,6 +683,44 @@ mod tests {
         assert_eq!(
             m.check_step(Step::Storage, &HOST, &[]),
             vec![WizardError::NoPathChosen]
+        );
+    }
+
+    #[test]
+    fn corrupt_or_in_use_images_are_refused_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.qcow2");
+        vmm::storage::create(&good, vmm::storage::ImageFormat::Qcow2, 1 << 30, None).unwrap();
+        let mut m = valid(dir.path());
+        m.source = Source::ExistingImage(good.clone());
+        m.storage = Storage::None;
+        assert_eq!(m.check_step(Step::Source, &HOST, &[]), vec![]);
+        // In use: a running VM holds it.
+        let held = vmm::storage::ImageBackend::open(&good, vmm::DriveKind::Disk, false).unwrap();
+        let errors = m.check_step(Step::Source, &HOST, &[]);
+        assert!(
+            matches!(&errors[..], [WizardError::ImageUnusable(t)]
+                if t.contains("good.qcow2") && t.contains("in use")),
+            "{errors:?}"
+        );
+        drop(held);
+        assert_eq!(m.check_step(Step::Source, &HOST, &[]), vec![]);
+        // Corrupt, chosen as the existing disk of the storage step.
+        let bad = dir.path().join("bad.qcow2");
+        let mut header = b"QFI\xfb".to_vec();
+        header.extend_from_slice(&[0xff; 100]);
+        std::fs::write(&bad, &header).unwrap();
+        m.source = Source::Empty;
+        m.storage = Storage::Existing(bad.clone());
+        let errors = m.check_step(Step::Storage, &HOST, &[]);
+        assert!(
+            matches!(&errors[..], [WizardError::ImageUnusable(t)] if t.contains("bad.qcow2")),
+            "{errors:?}"
+        );
+        assert_eq!(
+            std::fs::read(&bad).unwrap(),
+            header,
+            "the image is untouched"
         );
     }
 

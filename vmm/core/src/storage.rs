@@ -67,6 +67,14 @@ impl BlockBackend for ImageBackend {
     }
 }
 
+/// Checks that `path` can serve as a drive the way a VM would open it (format, header,
+/// qcow2 features, lock: a disk another VM or program writes is refused) and describes
+/// it. The image is opened and closed again; nothing is written.
+pub fn check_usable(path: &Path, read_only: bool) -> Result<ImageInfo> {
+    drop(ImageBackend::open(path, DriveKind::Disk, read_only)?);
+    info(path).map_err(|e| disk_error(path, e))
+}
+
 /// The backend for a configured drive: None for an empty CD-ROM drive.
 pub fn open_drive(drive: &DriveConfig) -> Result<Option<ImageBackend>> {
     match &drive.path {
@@ -108,6 +116,36 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("bad.qcow2"), "{e}");
+    }
+
+    #[test]
+    fn check_usable_refuses_corrupt_and_in_use_images_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.qcow2");
+        create(&good, ImageFormat::Qcow2, 1 << 30, None).unwrap();
+        let before = std::fs::read(&good).unwrap();
+        let info = check_usable(&good, false).unwrap();
+        assert_eq!(info.format, ImageFormat::Qcow2);
+        assert_eq!(info.virtual_size, 1 << 30);
+        assert_eq!(
+            std::fs::read(&good).unwrap(),
+            before,
+            "probing wrote nothing"
+        );
+        // In use by a running VM (an exclusive open elsewhere).
+        let held = ImageBackend::open(&good, DriveKind::Disk, false).unwrap();
+        let e = check_usable(&good, false).unwrap_err().to_string();
+        assert!(e.contains("good.qcow2") && e.contains("in use"), "{e}");
+        drop(held);
+        check_usable(&good, false).unwrap();
+        // Corrupt: qcow2 magic with a nonsense header.
+        let bad = dir.path().join("bad.qcow2");
+        let mut header = b"QFI\xfb".to_vec();
+        header.extend_from_slice(&[0xff; 100]);
+        std::fs::write(&bad, &header).unwrap();
+        let e = check_usable(&bad, false).unwrap_err().to_string();
+        assert!(e.contains("bad.qcow2"), "{e}");
+        assert_eq!(std::fs::read(&bad).unwrap(), header, "left as it was");
     }
 
     #[test]
