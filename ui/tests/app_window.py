@@ -21,6 +21,10 @@ What it checks, with a fresh library:
 - the details editor changes a second VM's memory and the new value is in its vm.toml;
 - keys reach the guest: in the second VM (SeaBIOS boot menu on), Esc typed with xdotool into
   the focused console opens "Select boot device";
+- Shut Down on a guest that does not listen to the ACPI power button (GRUB) explains it
+  and offers Force Off;
+- a VM whose engine fails while running (its firmware jumps where KVM cannot execute) shows
+  a dialog naming the failure, the library row says Failed, its files are untouched;
 - closing the window with a running VM asks, and Stop and Quit ends the app.
 Prints "N passed, N failed".
 """
@@ -489,6 +493,41 @@ def main():
         xdotool("key", "Escape")
         check("Esc typed into the console opens the boot menu",
               screen.wait_text(r"Select\s+boot\s+device", 30))
+
+        # Bad input 5: the engine fails while a VM runs. The third VM's firmware jumps into
+        # the VGA window, where there is no memory: KVM cannot run that, the VM fails.
+        broken = "Broken VM"
+        os.makedirs(f"{library}/{broken}")
+        bios = f"{home}/jump-to-vga.bin"
+        image = bytearray(b"\xf4" * 65536)  # hlt
+        image[0xfff0:0xfff5] = b"\xea\x00\x00\x00\xa0"  # jmp 0xa000:0000
+        with open(bios, "wb") as f:
+            f.write(image)
+        broken_toml = f"{library}/{broken}/vm.toml"
+        broken_text = f'name = "{broken}"\nmemory_mib = 64\n\n[firmware]\nbios = "{bios}"\n'
+        with open(broken_toml, "w") as f:
+            f.write(broken_text)
+        button(window, "Back").doActionNamed("click")
+        press_keys_in_window("^DeskVM$", "F5")
+        run_broken = wait_for("row", lambda: row_button(window, broken, "Run"), 10)
+        check("the library shows the third VM", run_broken is not None)
+        run_broken.doActionNamed("click")
+        failed_heading = wait_for("dialog", lambda: label_containing(
+            app, f"The VM failed “{broken}”"), 30)
+        check("an engine failure while the VM runs is shown in a dialog",
+              failed_heading is not None)
+        check("the dialog says what failed", wait_for(
+            "body", lambda: label_containing(app, "vCPU 0"), 5))
+        close_buttons = app.findChildren(
+            lambda n: n.roleName == "push button" and n.name in ("Close", "Close Close"))
+        if close_buttons:
+            close_buttons[-1].doActionNamed("click")  # the dialog's, created last
+        check("the library row shows the failure", wait_for(
+            "failed", lambda: label_containing(window, "Failed"), 10))
+        check("the failed VM's files are untouched",
+              open(broken_toml).read() == broken_text
+              and sorted(os.listdir(f"{library}/{broken}")) in (["vm.toml"],
+                                                                ["nvram.toml", "vm.toml"]))
 
         button(window, "Close").doActionNamed("click")
         dialog_button = wait_for("dialog", lambda: button(app, "Stop and Quit"), 10)
