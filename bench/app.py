@@ -15,7 +15,16 @@ Figures, each for DeskVM (the app, engine in-process) and for QEMU 7.2 + KVM wit
            capture loop's period (printed) bounds the resolution;
   idle     process CPU time (all threads, /proc/PID/stat utime+stime) over 10 s while an
            idle VM's screen is shown: SeaBIOS's boot menu ("Select boot device", reached
-           with Esc) stays static. In DeskVM the console page of that VM is open.
+           with Esc) in VGA text mode, whose only change is the blinking cursor (DeskVM's
+           VGA toggles it every 8 frames of 60 Hz, QEMU every 266 ms, so DeskVM's screen
+           changes about twice as often). In DeskVM the console page of that VM is open;
+  static   the same for a screen that never changes: the VBE guest of `frame` after its
+           marker (1024x768 graphics, the guest halted with interrupts off). This is the
+           floor: the engine and the GUI with nothing to draw.
+The busiest threads of each idle run are listed (/proc/PID/task/*/comm): `llvmpipe-N` are
+Mesa's software GL threads (GTK 4's default GL renderer on a machine without a GPU), `vcpu0`
+and `vmm-engine` DeskVM's engine, the process name its main (GTK) thread. GSK_RENDERER in
+the environment reaches the app (e.g. GSK_RENDERER=cairo); QEMU's GTK 3 window ignores it.
 
 DeskVM's app is driven without AT-SPI: the library row is clicked at its place in the
 1024x720 window (no window manager, so the window sits at 0,0), the VM is started through
@@ -344,6 +353,27 @@ def deskvm_idle(deskvm, workdir, seconds):
             stop(proc)
 
 
+def deskvm_idle_static(deskvm, image, workdir, seconds):
+    """Idle CPU with the VBE guest's final frame shown (it halts after its marker)."""
+    home = tempfile.mkdtemp(dir=workdir, prefix="static-")
+    debugcon = home + "/debugcon.txt"
+    write_vm(home + "/data/deskvm/vms", "VBE",
+             'memory_mib = 128\ncpus = 1\ndebugcon = "%s"\nboot_order = "disk"\n\n'
+             '[[drives]]\nkind = "disk"\npath = "%s"\nread_only = true\n'
+             % (debugcon, image))
+    with open(home + "/app.log", "w") as log:
+        proc, wid, _ = start_app(deskvm, home, log)
+        try:
+            if wid is None:
+                raise RuntimeError("no DeskVM window; see " + home + "/app.log")
+            open_and_run("VBE")
+            if wait_file_text(debugcon, b"VBE-DONE", 120) is None:
+                raise RuntimeError("DeskVM: the VBE guest did not finish")
+            return measure_idle(proc.pid, seconds)
+        finally:
+            stop(proc)
+
+
 # --- QEMU ---------------------------------------------------------------------------------
 
 def qemu_command(debugcon, extra):
@@ -399,6 +429,20 @@ def qemu_idle(workdir, seconds):
         stop(proc)
 
 
+def qemu_idle_static(image, workdir, seconds):
+    debugcon = tempfile.mktemp(dir=workdir, prefix="qemu-static-dc-")
+    proc = subprocess.Popen(qemu_command(debugcon, ["-drive", "file=%s,format=raw,if=ide,"
+                                                    "snapshot=on" % image]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, NO_AT_BRIDGE="1"))
+    try:
+        if wait_file_text(debugcon, b"VBE-DONE", 120) is None:
+            raise RuntimeError("QEMU: the VBE guest did not finish")
+        return measure_idle(proc.pid, seconds)
+    finally:
+        stop(proc)
+
+
 # --- report -------------------------------------------------------------------------------
 
 def fmt_ms(seconds):
@@ -440,6 +484,9 @@ def main():
         for _ in range(args.rounds):
             d_runs += deskvm_rounds(deskvm, image, workdir, 1)
             q_runs += qemu_rounds(image, workdir, 1)
+        print("renderer of the app: %s" % (("GSK_RENDERER=" + os.environ["GSK_RENDERER"])
+                                             if os.environ.get("GSK_RENDERER")
+                                             else "GTK's default"))
         print("idle CPU over %.0f s with SeaBIOS's boot menu shown" % args.idle)
         d_idle, d_threads = deskvm_idle(deskvm, workdir, args.idle)
         print("  DeskVM: %.1f %% of one core; busiest threads (%% of a core): %s"
@@ -447,6 +494,13 @@ def main():
         q_idle, q_threads = qemu_idle(workdir, args.idle)
         print("  QEMU:   %.1f %% of one core; busiest threads (%% of a core): %s"
               % (q_idle, q_threads), flush=True)
+        print("idle CPU over %.0f s with the VBE guest's static frame shown" % args.idle)
+        d_static, d_static_threads = deskvm_idle_static(deskvm, image, workdir, args.idle)
+        print("  DeskVM: %.1f %% of one core; busiest threads (%% of a core): %s"
+              % (d_static, d_static_threads), flush=True)
+        q_static, q_static_threads = qemu_idle_static(image, workdir, args.idle)
+        print("  QEMU:   %.1f %% of one core; busiest threads (%% of a core): %s"
+              % (q_static, q_static_threads), flush=True)
     except Exception:
         if xvfb.poll() is not None:
             print("Xvfb ended (%s); its log: %s" % (xvfb.returncode, xvfb_log.name))
@@ -461,6 +515,9 @@ def main():
                     "qemu": median([r["frame"] for r in q_runs])},
         "idle_cpu_percent": {"deskvm": d_idle, "qemu": q_idle},
         "idle_threads": {"deskvm": d_threads, "qemu": q_threads},
+        "static_cpu_percent": {"deskvm": d_static, "qemu": q_static},
+        "static_threads": {"deskvm": d_static_threads, "qemu": q_static_threads},
+        "gsk_renderer": os.environ.get("GSK_RENDERER") or None,
     }
     print()
     print("| figure (median)                  | DeskVM app | QEMU GTK | DeskVM/QEMU |")
@@ -471,6 +528,9 @@ def main():
     print("| debugcon marker to pixels (max)  | %10s | %8s | %11s |"
           % (fmt_ms(f["deskvm"]), fmt_ms(f["qemu"]), ratio(f["deskvm"], f["qemu"])))
     print("| idle CPU, boot menu shown        | %8.1f %% | %6.1f %% | %11s |"
+          % (c["deskvm"], c["qemu"], ratio(c["deskvm"], c["qemu"])))
+    c = summary["static_cpu_percent"]
+    print("| idle CPU, static VBE frame       | %8.1f %% | %6.1f %% | %11s |"
           % (c["deskvm"], c["qemu"], ratio(c["deskvm"], c["qemu"])))
     if args.json:
         with open(args.json, "w") as out:

@@ -12,6 +12,15 @@ fn main() {
     // No arguments, or `gui`: the desktop app.
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() || (args.len() == 1 && args[0] == "gui") {
+        // Before GTK starts and before any other thread exists.
+        if let Some(renderer) = app::host::preferred_gsk_renderer(
+            std::env::var_os("GSK_RENDERER").as_deref(),
+            std::env::var_os("LIBGL_ALWAYS_SOFTWARE").as_deref(),
+            std::path::Path::new("/dev/dri"),
+            std::path::Path::new("/dev/nvidia0"),
+        ) {
+            std::env::set_var("GSK_RENDERER", renderer);
+        }
         app::run();
         return;
     }

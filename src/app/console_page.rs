@@ -1,21 +1,27 @@
-//! The console page: the VM's screen in a `ConsoleView`, fed from the engine's display on
-//! each frame-clock tick (copying only when the display's generation changed), with a
-//! toolbar: run/pause, power, send keys (Ctrl+Alt+Del, Ctrl+Alt+Backspace, Ctrl+Alt+F1…F12,
-//! PrintScreen), type the clipboard (US layout), screenshot, scaling, CD change, grab,
-//! fullscreen. Keyboard and pointer go to the VM through its `InputHandle`.
+//! The console page: the VM's screen in a `ConsoleView`, fed from the engine's display
+//! only when it changed: a watcher thread blocks on the display's generation
+//! (`DisplayHandle::wait_for_change`) and wakes the main loop, which copies just the damaged
+//! rectangles into the view (which uploads and redraws just the tiles they touch). No frame
+//! clock runs while the screen is still. The watcher ends (within [`WATCH_TIMEOUT`]) when
+//! the page detaches. With a toolbar: run/pause, power, send keys (Ctrl+Alt+Del,
+//! Ctrl+Alt+Backspace, Ctrl+Alt+F1…F12, PrintScreen), type the clipboard (US layout),
+//! screenshot, scaling, CD change, grab, fullscreen. Keyboard and pointer go to the VM
+//! through its `InputHandle`.
 //!
 //! The engine's display (`VmHandle::display()`) is reached through [`DisplaySource`], so the
 //! page can be tested with a fake display. The CD button changes the disc of the first
 //! CD-ROM drive of the running VM (and in its settings).
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use adw::prelude::*;
+use deskvm_ui::console_view::DamageRect;
 use deskvm_ui::geometry::xrgb_to_opaque;
 use deskvm_ui::keymap::{combo_events, parse_release_combo, send_keys_menu, text_to_key_events};
 use deskvm_ui::{ConsoleView, PointerMode, ScaleFilter, ScaleMode};
@@ -35,6 +41,15 @@ pub struct CopiedFrame {
     pub pixels: Vec<u8>,
 }
 
+/// A blocking wait, run on a thread of its own: returns the display's generation as soon
+/// as it differs from the one given, or when the timeout passes.
+pub type ChangeWaiter = Box<dyn FnMut(u64, Duration) -> u64 + Send>;
+
+/// How long the watcher thread blocks at most before it looks whether it should stop.
+pub const WATCH_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often a display without a [`ChangeWaiter`] is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(30);
+
 /// What the console needs from a VM's display.
 pub trait DisplaySource {
     /// Changes whenever the screen changes.
@@ -42,6 +57,23 @@ pub trait DisplaySource {
     /// The frame if it changed since generation `since`, with its generation.
     fn copy_frame_since(&self, since: u64) -> Option<(u64, CopiedFrame)>;
     fn screenshot_png(&self, path: &Path) -> Result<(), String>;
+
+    /// Puts what changed since generation `since` into `view`; returns the generation
+    /// shown, or None when nothing changed. The default copies the whole frame.
+    fn show_since(&self, since: u64, view: &ConsoleView) -> Option<u64> {
+        let (generation, frame) = self.copy_frame_since(since)?;
+        let stride = frame.width as usize * 4;
+        let bytes = glib::Bytes::from_owned(frame.pixels);
+        if let Err(e) = view.set_frame(frame.width, frame.height, stride, bytes) {
+            log::warn!("console: {e}");
+        }
+        Some(generation)
+    }
+
+    /// A wait for changes that another thread can block in; None: the page polls.
+    fn change_waiter(&self) -> Option<ChangeWaiter> {
+        None
+    }
 }
 
 /// The engine's display of a VM.
@@ -62,6 +94,114 @@ impl DisplaySource for EngineDisplay {
 
     fn screenshot_png(&self, path: &Path) -> Result<(), String> {
         self.0.screenshot_png(path).map_err(|e| e.to_string())
+    }
+
+    fn show_since(&self, since: u64, view: &ConsoleView) -> Option<u64> {
+        self.0.frame_since(since, |f, damage| {
+            let damage: Option<Vec<DamageRect>> = damage.map(|rects| {
+                rects
+                    .iter()
+                    .map(|r| DamageRect::new(r.x, r.y, r.width, r.height))
+                    .collect()
+            });
+            if let Err(e) =
+                view.update_frame_xrgb(f.width, f.height, f.stride, f.pixels, damage.as_deref())
+            {
+                log::warn!("console: {e}");
+            }
+        })
+    }
+
+    fn change_waiter(&self) -> Option<ChangeWaiter> {
+        let display = self.0.clone();
+        Some(Box::new(move |since, timeout| {
+            display.wait_for_change(since, timeout)
+        }))
+    }
+}
+
+thread_local! {
+    /// The main thread's wake-up calls of the running watchers, by watcher id.
+    static WAKERS: RefCell<HashMap<u64, Rc<dyn Fn()>>> = RefCell::new(HashMap::new());
+}
+
+static NEXT_WATCHER: AtomicU64 = AtomicU64::new(1);
+
+/// Calls `wake` on the main loop whenever the display changes, until dropped.
+struct Watcher {
+    id: u64,
+    stop: Arc<AtomicBool>,
+    poll: Option<glib::SourceId>,
+}
+
+impl Watcher {
+    /// Must be called on the thread that runs the default main context.
+    fn start(display: &dyn DisplaySource, wake: Rc<dyn Fn()>) -> Self {
+        let id = NEXT_WATCHER.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let polling = |id, stop, wake: Rc<dyn Fn()>| {
+            let poll = glib::timeout_add_local(POLL_INTERVAL, move || {
+                wake();
+                glib::ControlFlow::Continue
+            });
+            Self {
+                id,
+                stop,
+                poll: Some(poll),
+            }
+        };
+        let Some(mut waiter) = display.change_waiter() else {
+            return polling(id, stop, wake);
+        };
+        WAKERS.with(|w| w.borrow_mut().insert(id, wake));
+        let thread_stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("console-watch".into())
+            .spawn(move || {
+                // Set while a wake-up is queued, so a busy main loop gets one, not many.
+                let queued = Arc::new(AtomicBool::new(false));
+                let mut seen = u64::MAX;
+                while !thread_stop.load(Ordering::Acquire) {
+                    let generation = waiter(seen, WATCH_TIMEOUT);
+                    if generation == seen || thread_stop.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    seen = generation;
+                    if !queued.swap(true, Ordering::AcqRel) {
+                        let queued = queued.clone();
+                        // An idle source of the default main context, which only the main
+                        // thread runs (MainContext::invoke could run it right here).
+                        glib::idle_add_once(move || {
+                            queued.store(false, Ordering::Release);
+                            let wake = WAKERS.with(|w| w.borrow().get(&id).cloned());
+                            if let Some(wake) = wake {
+                                wake();
+                            }
+                        });
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("console: cannot start the display watcher ({e}); polling instead");
+            if let Some(wake) = WAKERS.with(|w| w.borrow_mut().remove(&id)) {
+                return polling(id, stop, wake);
+            }
+        }
+        Self {
+            id,
+            stop,
+            poll: None,
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        WAKERS.with(|w| w.borrow_mut().remove(&self.id));
+        if let Some(poll) = self.poll.take() {
+            poll.remove();
+        }
     }
 }
 
@@ -99,6 +239,21 @@ pub fn copy_frame(width: u32, height: u32, stride: usize, pixels: &[u8]) -> Opti
     })
 }
 
+/// Puts what changed on the attached VM's screen into `view`.
+fn show_changes(attached: &RefCell<Option<Attached>>, view: &ConsoleView) {
+    let attached = attached.borrow();
+    let Some(a) = attached.as_ref() else {
+        return;
+    };
+    if let Some(display) = a.display.as_ref() {
+        if display.generation() != a.shown.get() {
+            if let Some(generation) = display.show_since(a.shown.get(), view) {
+                a.shown.set(generation);
+            }
+        }
+    }
+}
+
 /// An action's accelerators, kept aside while the keyboard is grabbed.
 type SavedAccels = (String, Vec<glib::GString>);
 
@@ -108,6 +263,8 @@ struct Attached {
     display: Option<Rc<dyn DisplaySource>>,
     /// The display generation shown (u64::MAX: none yet).
     shown: Cell<u64>,
+    /// Wakes the page when the display changes; stops when the page detaches.
+    _watcher: Option<Watcher>,
 }
 
 pub struct ConsolePage {
@@ -125,7 +282,7 @@ pub struct ConsolePage {
     scale: gtk::ToggleButton,
 }
 
-fn icon_button(icon: &str, tip: &str) -> gtk::Button {
+pub(crate) fn icon_button(icon: &str, tip: &str) -> gtk::Button {
     let b = gtk::Button::from_icon_name(icon);
     b.set_tooltip_text(Some(tip));
     b.add_css_class("flat");
@@ -151,7 +308,41 @@ fn send_paced(input: Rc<RefCell<Option<InputHandle>>>, events: Vec<(u16, bool)>)
     });
 }
 
-fn screenshot_path(name: &str) -> PathBuf {
+/// The send-keys menu button (Ctrl+Alt+Del, ...): adds the `send-keys` action to `group`,
+/// which the caller inserts as `group_name`; `send` gets the chosen combination's events.
+pub(crate) fn send_keys_button(
+    group: &gtk::gio::SimpleActionGroup,
+    group_name: &str,
+    send: impl Fn(Vec<(u16, bool)>) + 'static,
+) -> gtk::MenuButton {
+    let action = gtk::gio::SimpleAction::new("send-keys", Some(glib::VariantTy::UINT32));
+    action.connect_activate(move |_, choice| {
+        let entries = send_keys_menu();
+        if let Some(entry) = choice
+            .and_then(|c| c.get::<u32>())
+            .and_then(|i| entries.get(i as usize))
+        {
+            send(combo_events(&entry.keys));
+        }
+    });
+    group.add_action(&action);
+    let menu = gtk::gio::Menu::new();
+    let detailed = format!("{group_name}.send-keys");
+    for (index, entry) in send_keys_menu().iter().enumerate() {
+        let item = gtk::gio::MenuItem::new(Some(&entry.label), None);
+        item.set_action_and_target_value(Some(&detailed), Some(&(index as u32).to_variant()));
+        menu.append_item(&item);
+    }
+    let button = gtk::MenuButton::builder()
+        .icon_name("input-keyboard-symbolic")
+        .menu_model(&menu)
+        .tooltip_text(tr("Send Keys"))
+        .build();
+    button.add_css_class("flat");
+    button
+}
+
+pub(crate) fn screenshot_path(name: &str) -> PathBuf {
     let dir = dirs::picture_dir()
         .or_else(dirs::home_dir)
         .unwrap_or_else(std::env::temp_dir)
@@ -231,27 +422,6 @@ impl ConsolePage {
         });
 
         let attached: Rc<RefCell<Option<Attached>>> = Rc::new(RefCell::new(None));
-        let a = attached.clone();
-        view.add_tick_callback(move |view, _| {
-            let attached = a.borrow();
-            if let Some((display, shown)) = attached
-                .as_ref()
-                .and_then(|a| a.display.clone().map(|d| (d, &a.shown)))
-            {
-                let generation = display.generation();
-                if generation != shown.get() {
-                    if let Some((g, frame)) = display.copy_frame_since(shown.get()) {
-                        shown.set(g);
-                        let stride = frame.width as usize * 4;
-                        let bytes = glib::Bytes::from_owned(frame.pixels);
-                        if let Err(e) = view.set_frame(frame.width, frame.height, stride, bytes) {
-                            log::warn!("console: {e}");
-                        }
-                    }
-                }
-            }
-            glib::ControlFlow::Continue
-        });
 
         let status = adw::StatusPage::builder()
             .icon_name("computer-symbolic")
@@ -291,34 +461,11 @@ impl ConsolePage {
         toolbar.append(&gtk::Separator::new(gtk::Orientation::Vertical));
 
         // Send keys.
-        let keys_menu = gtk::gio::Menu::new();
         let group = gtk::gio::SimpleActionGroup::new();
-        let send = gtk::gio::SimpleAction::new("send-keys", Some(glib::VariantTy::UINT32));
         let i = input.clone();
-        send.connect_activate(move |_, target| {
-            let entries = send_keys_menu();
-            if let Some(entry) = target
-                .and_then(|t| t.get::<u32>())
-                .and_then(|i| entries.get(i as usize))
-            {
-                send_paced(i.clone(), combo_events(&entry.keys));
-            }
+        let keys = send_keys_button(&group, "console", move |events| {
+            send_paced(i.clone(), events)
         });
-        group.add_action(&send);
-        for (idx, entry) in send_keys_menu().iter().enumerate() {
-            let item = gtk::gio::MenuItem::new(Some(&entry.label), None);
-            item.set_action_and_target_value(
-                Some("console.send-keys"),
-                Some(&(idx as u32).to_variant()),
-            );
-            keys_menu.append_item(&item);
-        }
-        let keys = gtk::MenuButton::builder()
-            .icon_name("input-keyboard-symbolic")
-            .menu_model(&keys_menu)
-            .tooltip_text(tr("Send Keys"))
-            .build();
-        keys.add_css_class("flat");
         toolbar.append(&keys);
 
         let paste = icon_button("edit-paste-symbolic", &tr("Type the Clipboard"));
@@ -493,12 +640,26 @@ impl ConsolePage {
             PointerMode::Relative
         });
         self.apply_settings();
+        // The old watcher stops before the new one starts.
+        *self.attached.borrow_mut() = None;
+        let watcher = display.as_ref().map(|d| {
+            let attached = Rc::downgrade(&self.attached);
+            let view = self.view.downgrade();
+            let wake: Rc<dyn Fn()> = Rc::new(move || {
+                if let (Some(attached), Some(view)) = (attached.upgrade(), view.upgrade()) {
+                    show_changes(&attached, &view);
+                }
+            });
+            Watcher::start(d.as_ref(), wake)
+        });
         *self.attached.borrow_mut() = Some(Attached {
             name: name.to_string(),
             vm,
             display,
             shown: Cell::new(u64::MAX),
+            _watcher: watcher,
         });
+        show_changes(&self.attached, &self.view);
     }
 
     /// Disconnects from the VM (stopped, or another page shown).
@@ -528,5 +689,131 @@ impl ConsolePage {
             self.status.set_title(&state_text(state));
             self.stack.set_visible_child_name("status");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sets its flag when dropped (the watcher thread dropped its waiter: it ended).
+    struct DropFlag(Arc<AtomicBool>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+
+    /// A display whose generation the test sets; with or without a blocking waiter.
+    struct FakeDisplay {
+        generation: Arc<AtomicU64>,
+        waiter_dropped: Arc<AtomicBool>,
+        can_wait: bool,
+    }
+
+    impl DisplaySource for FakeDisplay {
+        fn generation(&self) -> u64 {
+            self.generation.load(Ordering::Acquire)
+        }
+        fn copy_frame_since(&self, _since: u64) -> Option<(u64, CopiedFrame)> {
+            None
+        }
+        fn screenshot_png(&self, _path: &Path) -> Result<(), String> {
+            Err("no screen".into())
+        }
+        fn change_waiter(&self) -> Option<ChangeWaiter> {
+            if !self.can_wait {
+                return None;
+            }
+            let generation = self.generation.clone();
+            let flag = DropFlag(self.waiter_dropped.clone());
+            Some(Box::new(move |since, timeout| {
+                let _alive = &flag;
+                let end = std::time::Instant::now() + timeout;
+                loop {
+                    let g = generation.load(Ordering::Acquire);
+                    if g != since || std::time::Instant::now() >= end {
+                        return g;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }))
+        }
+    }
+
+    fn fake(can_wait: bool) -> FakeDisplay {
+        FakeDisplay {
+            generation: Arc::new(AtomicU64::new(0)),
+            waiter_dropped: Arc::new(AtomicBool::new(false)),
+            can_wait,
+        }
+    }
+
+    /// Runs the default main context until `done` or about 5 s of iterations.
+    fn run_until(done: impl Fn() -> bool) -> bool {
+        let context = glib::MainContext::default();
+        for _ in 0..5000 {
+            while context.iteration(false) {}
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        done()
+    }
+
+    /// Runs the default main context for about 100 ms.
+    fn iterate_a_while() {
+        let context = glib::MainContext::default();
+        for _ in 0..100 {
+            while context.iteration(false) {}
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn counting_wake() -> (Rc<Cell<u32>>, Rc<dyn Fn()>) {
+        let wakes = Rc::new(Cell::new(0u32));
+        let w = wakes.clone();
+        (wakes, Rc::new(move || w.set(w.get() + 1)))
+    }
+
+    // One test for both paths: they share the process's default main context.
+    #[test]
+    fn watcher_wakes_on_changes_and_stops_when_dropped() {
+        // The thread path.
+        let display = fake(true);
+        let (wakes, wake) = counting_wake();
+        let watcher = Watcher::start(&display, wake);
+        assert!(watcher.poll.is_none(), "a blocking waiter means no polling");
+        assert!(
+            run_until(|| wakes.get() >= 1),
+            "the first frame wakes the page"
+        );
+        let first = wakes.get();
+        display.generation.store(5, Ordering::Release);
+        assert!(run_until(|| wakes.get() > first), "a change wakes the page");
+        assert!(!display.waiter_dropped.load(Ordering::Acquire));
+        drop(watcher);
+        assert!(
+            run_until(|| display.waiter_dropped.load(Ordering::Acquire)),
+            "the thread ends after the watcher is dropped"
+        );
+        let after = wakes.get();
+        display.generation.store(6, Ordering::Release);
+        iterate_a_while();
+        assert_eq!(wakes.get(), after, "no wake-up after the watcher is gone");
+        assert!(WAKERS.with(|w| w.borrow().is_empty()));
+
+        // The polling path.
+        let display = fake(false);
+        let (wakes, wake) = counting_wake();
+        let watcher = Watcher::start(&display, wake);
+        assert!(watcher.poll.is_some());
+        assert!(run_until(|| wakes.get() >= 2), "polled");
+        drop(watcher);
+        let after = wakes.get();
+        iterate_a_while();
+        assert_eq!(wakes.get(), after, "polling ends with the watcher");
     }
 }

@@ -244,18 +244,38 @@ msgstr[1] "Viele"
             include_str!("library_page.rs"),
             include_str!("mod.rs"),
             include_str!("perf_page.rs"),
+            include_str!("remote_page.rs"),
             include_str!("settings.rs"),
             include_str!("wizard.rs"),
+            include_str!("wizard_model.rs"),
         ];
         let map = parse_po(CATALOGS[0].1);
         let mut missing = Vec::new();
         for src in sources {
             let code = src.split("#[cfg(test)]").next().unwrap_or(src);
-            for piece in code.split("tr(\"").skip(1) {
-                let Some(end) = piece.find("\")") else {
+            // `tr(` then optional whitespace (rustfmt wraps long calls) then the literal;
+            // `attr(`, `ptr(` and the like are other calls.
+            let mut rest = code;
+            while let Some(at) = rest.find("tr(") {
+                let before = rest[..at].chars().next_back();
+                let after = rest[at + 3..].trim_start();
+                rest = &rest[at + 3..];
+                if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                    continue;
+                }
+                let Some(literal) = after.strip_prefix('"') else {
                     continue;
                 };
-                let text = piece[..end].replace("\\\"", "\"");
+                // The literal ends at the first quote not escaped by a backslash.
+                let mut escaped = false;
+                let Some(end) = literal.char_indices().find_map(|(i, c)| {
+                    let closes = c == '"' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    closes.then_some(i)
+                }) else {
+                    continue;
+                };
+                let text = literal[..end].replace("\\\"", "\"");
                 if !map.contains_key(&text) {
                     missing.push(text);
                 }

@@ -17,16 +17,19 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use adw::prelude::*;
-use deskvm_ui::keymap::{combo_events, parse_release_combo, send_keys_menu};
+use deskvm_ui::keymap::parse_release_combo;
 use deskvm_ui::keysym::{text_to_keysym_events, KeysymEvent};
 use deskvm_ui::{ConsoleView, PointerMode, ScaleFilter, ScaleMode};
 use gtk::glib;
 
-use super::console_page::{copy_frame, icon_button, screenshot_path};
+use super::console_page::{copy_frame, icon_button, screenshot_path, send_keys_button};
 use super::dialogs;
 use super::i18n::tr;
 use super::remote::{RemoteError, RemoteSession, RemoteStatus, RemoteTarget, ScreenshotError};
 use super::settings::AppSettings;
+
+/// How often the window looks at the session (status, new frame).
+const REFRESH_PERIOD: std::time::Duration = std::time::Duration::from_millis(30);
 
 /// The port VNC servers use for display :0.
 pub const DEFAULT_PORT: u16 = 5900;
@@ -285,33 +288,8 @@ fn open_console(parent: &adw::ApplicationWindow, target: RemoteTarget) {
     let toolbar = gtk::Box::new(gtk::Orientation::Horizontal, 4);
     toolbar.add_css_class("toolbar");
     let group = gtk::gio::SimpleActionGroup::new();
-    let send = gtk::gio::SimpleAction::new("send-keys", Some(glib::VariantTy::UINT32));
     let v = view.clone();
-    send.connect_activate(move |_, choice| {
-        let entries = send_keys_menu();
-        if let Some(entry) = choice
-            .and_then(|c| c.get::<u32>())
-            .and_then(|i| entries.get(i as usize))
-        {
-            v.send_keys(&combo_events(&entry.keys));
-        }
-    });
-    group.add_action(&send);
-    let keys_menu = gtk::gio::Menu::new();
-    for (index, entry) in send_keys_menu().iter().enumerate() {
-        let item = gtk::gio::MenuItem::new(Some(&entry.label), None);
-        item.set_action_and_target_value(
-            Some("remote.send-keys"),
-            Some(&(index as u32).to_variant()),
-        );
-        keys_menu.append_item(&item);
-    }
-    let keys = gtk::MenuButton::builder()
-        .icon_name("input-keyboard-symbolic")
-        .menu_model(&keys_menu)
-        .tooltip_text(tr("Send Keys"))
-        .build();
-    keys.add_css_class("flat");
+    let keys = send_keys_button(&group, "remote", move |events| v.send_keys(&events));
     toolbar.append(&keys);
 
     let toasts = adw::ToastOverlay::new();
@@ -547,8 +525,9 @@ fn open_console(parent: &adw::ApplicationWindow, target: RemoteTarget) {
     }
 
     let weak_window = window.downgrade();
-    // On the box, which is mapped while the status page hides the view.
-    content.add_tick_callback(move |_, _| {
+    // A 30 ms timer (the session's own update period) rather than the frame clock, which
+    // would run at 60 Hz for as long as the window is open; it ends with the window.
+    glib::timeout_add_local(REFRESH_PERIOD, move || {
         let Some(window) = weak_window.upgrade() else {
             return glib::ControlFlow::Break;
         };

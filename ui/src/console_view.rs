@@ -1,24 +1,32 @@
 //! `ConsoleView`: a widget that shows a VM's screen and turns the user's keyboard and
 //! pointer into guest input through callbacks. It knows nothing of KVM: the app pushes
-//! frames with [`ConsoleView::set_frame`] and forwards the callbacks to the engine.
+//! frames with [`ConsoleView::set_frame`] (a whole frame) or
+//! [`ConsoleView::update_frame_xrgb`] (a guest frame plus the rectangles that changed) and
+//! forwards the callbacks to the engine.
 //!
-//! Drawn as a `gdk::MemoryTexture` (smooth filtering) or, for the sharp filter when the
-//! frame is scaled, with Cairo's nearest-neighbour filter. Scaled to fit or one guest pixel
-//! per device pixel. Keyboard grab: while grabbed the window's system shortcuts are
-//! inhibited, the pointer is hidden and moves the guest mouse relatively, and a hint shows
-//! the release combination (default Ctrl+Alt). Not done: pointer confinement/warping (GTK 4
-//! has no API for it), touch input, clipboard sharing.
+//! The frame is kept as tiles of [`TILE_SIZE`] pixels, each its own `gdk::MemoryTexture`
+//! (with a one-pixel apron of its neighbours, clipped away when drawn, so linear filtering
+//! shows no seams). An update replaces only the tiles whose pixels changed, and the render
+//! node of every other tile is reused, so GTK's renderer sees (and redraws) only the
+//! changed tiles' area: a blinking text cursor costs one small texture upload and a small
+//! redraw instead of the whole window. Smooth scaling draws texture nodes; the sharp filter
+//! (when the frame is scaled) draws each tile with Cairo's nearest-neighbour filter. Scaled
+//! to fit or one guest pixel per device pixel; tile edges are snapped to device pixels.
+//! Keyboard grab: while grabbed the window's system shortcuts are inhibited, the pointer is
+//! hidden and moves the guest mouse relatively, and a hint shows the release combination
+//! (default Ctrl+Alt). Not done: pointer confinement/warping (GTK 4 has no API for it),
+//! touch input, clipboard sharing.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 
 use gtk::prelude::*;
 use gtk::subclass::prelude::*;
-use gtk::{gdk, glib, graphene};
+use gtk::{gdk, glib, graphene, gsk};
 
 use crate::geometry::{
-    button_bit, frame_fits, frame_rect, is_on_frame, to_guest_absolute, FrameRect, RelativeMotion,
-    ScaleMode,
+    button_bit, frame_fits, frame_rect, is_on_frame, to_guest_absolute, xrgb_to_opaque, FrameRect,
+    RelativeMotion, ScaleMode,
 };
 use crate::keymap::{combo_label, evdev_from_hardware_keycode, GrabReleaseDetector, Modifiers};
 
@@ -56,12 +64,359 @@ pub enum FrameError {
     TooLarge { width: u32, height: u32 },
 }
 
+/// The side of a square tile of the frame, in frame pixels.
+pub const TILE_SIZE: u32 = 128;
+
+/// A rectangle of the frame in frame pixels (what changed since the last update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DamageRect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl DamageRect {
+    pub fn new(x: u32, y: u32, width: u32, height: u32) -> Self {
+        Self {
+            x,
+            y,
+            width,
+            height,
+        }
+    }
+}
+
+/// How a frame is cut into tiles: pure arithmetic, no GTK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TileGrid {
+    width: u32,
+    height: u32,
+    tile: u32,
+    columns: u32,
+    rows: u32,
+}
+
+impl TileGrid {
+    /// A grid of `tile`-pixel tiles over a `width`×`height` frame (edge tiles are smaller).
+    pub(crate) fn new(width: u32, height: u32, tile: u32) -> Self {
+        let tile = tile.max(1);
+        Self {
+            width,
+            height,
+            tile,
+            columns: width.div_ceil(tile),
+            rows: height.div_ceil(tile),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.columns as usize * self.rows as usize
+    }
+
+    /// The pixels tile `index` shows (row-major order).
+    pub(crate) fn tile_rect(&self, index: usize) -> DamageRect {
+        let columns = self.columns.max(1) as usize;
+        let (column, row) = ((index % columns) as u32, (index / columns) as u32);
+        let x = column.saturating_mul(self.tile).min(self.width);
+        let y = row.saturating_mul(self.tile).min(self.height);
+        DamageRect {
+            x,
+            y,
+            width: self.tile.min(self.width - x),
+            height: self.tile.min(self.height - y),
+        }
+    }
+
+    /// The pixels tile `index`'s texture holds: its own plus a one-pixel apron from its
+    /// neighbours (so linear filtering blends across tile edges), within the frame.
+    pub(crate) fn texture_rect(&self, index: usize) -> DamageRect {
+        let r = self.tile_rect(index);
+        let x = r.x.saturating_sub(1);
+        let y = r.y.saturating_sub(1);
+        let right = (r.x + r.width).saturating_add(1).min(self.width);
+        let bottom = (r.y + r.height).saturating_add(1).min(self.height);
+        DamageRect {
+            x,
+            y,
+            width: right - x,
+            height: bottom - y,
+        }
+    }
+
+    /// `rect` cut to the frame; `None` when nothing of it is inside.
+    pub(crate) fn clamp(&self, rect: &DamageRect) -> Option<DamageRect> {
+        if rect.x >= self.width || rect.y >= self.height || rect.width == 0 || rect.height == 0 {
+            return None;
+        }
+        Some(DamageRect {
+            x: rect.x,
+            y: rect.y,
+            width: rect.width.min(self.width - rect.x),
+            height: rect.height.min(self.height - rect.y),
+        })
+    }
+
+    /// The tiles (indices) whose textures hold a pixel of `rect`, apron included.
+    pub(crate) fn tiles_touched(&self, rect: &DamageRect) -> Vec<usize> {
+        let Some(r) = self.clamp(rect) else {
+            return Vec::new();
+        };
+        // Tile c's texture spans pixels c*T-1 ..= (c+1)*T, so pixel p is in tiles
+        // ceil(p/T)-1 ..= (p+1)/T.
+        let span = |first: u32, last: u32, count: u32| {
+            let from = first.div_ceil(self.tile).saturating_sub(1);
+            let to = ((last + 1) / self.tile).min(count.saturating_sub(1));
+            from..=to
+        };
+        let columns = span(r.x, r.x + r.width - 1, self.columns);
+        let rows = span(r.y, r.y + r.height - 1, self.rows);
+        let mut out = Vec::new();
+        for row in rows {
+            for column in columns.clone() {
+                out.push(row as usize * self.columns as usize + column as usize);
+            }
+        }
+        out
+    }
+}
+
+/// How a tile is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TileDrawing {
+    /// A texture node: the GL renderer uploads the texture once and keeps it.
+    Texture,
+    /// A Cairo node that paints the tile's pixels (linear filter): GTK 4.8's Cairo renderer
+    /// would copy every texture node's pixels on every frame, changed or not, while a
+    /// Cairo node is only replayed, clipped to what changed.
+    CairoSmooth,
+    /// A Cairo node with the nearest-neighbour filter (the sharp filter, scaled).
+    CairoSharp,
+}
+
+/// Where the cached render nodes were made for: the frame's place in the widget, the
+/// device scale and how tiles are drawn. Any change makes every tile's node again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct NodeKey {
+    rect: FrameRect,
+    scale_factor: i32,
+    drawing: TileDrawing,
+}
+
+struct Tile {
+    /// Opaque BGRA pixels of the grid's `texture_rect`, packed rows.
+    bytes: glib::Bytes,
+    texture: gdk::MemoryTexture,
+    node: RefCell<Option<(NodeKey, gsk::RenderNode)>>,
+}
+
 struct Frame {
     width: u32,
     height: u32,
+    grid: TileGrid,
+    /// The whole frame: opaque BGRA, `width * 4` bytes per row.
+    pixels: Vec<u8>,
+    tiles: Vec<Tile>,
+}
+
+impl Frame {
+    /// A frame from `height` rows of `stride` bytes of B,G,R,X pixels (X ignored).
+    fn new(width: u32, height: u32, stride: usize, source: &[u8]) -> Option<Self> {
+        let pixels = xrgb_to_opaque(width, height, stride, source)?;
+        let grid = TileGrid::new(width, height, TILE_SIZE);
+        let mut frame = Self {
+            width,
+            height,
+            grid,
+            pixels,
+            tiles: Vec::with_capacity(grid.len()),
+        };
+        for index in 0..grid.len() {
+            let tile = frame.make_tile(index);
+            frame.tiles.push(tile);
+        }
+        Some(frame)
+    }
+
+    fn make_tile(&self, index: usize) -> Tile {
+        let r = self.grid.texture_rect(index);
+        let frame_row = self.width as usize * 4;
+        let row = r.width as usize * 4;
+        let mut data = Vec::with_capacity(row * r.height as usize);
+        for y in r.y..r.y + r.height {
+            let start = y as usize * frame_row + r.x as usize * 4;
+            data.extend_from_slice(&self.pixels[start..start + row]);
+        }
+        let bytes = glib::Bytes::from_owned(data);
+        let texture = gdk::MemoryTexture::new(
+            r.width as i32,
+            r.height as i32,
+            gdk::MemoryFormat::B8g8r8a8Premultiplied,
+            &bytes,
+            row,
+        );
+        Tile {
+            bytes,
+            texture,
+            node: RefCell::new(None),
+        }
+    }
+
+    /// Copies the pixels of `damage` (None: all) from `source` (same size as the frame,
+    /// rows of `stride` bytes, B,G,R,X) and remakes the tiles whose pixels changed.
+    /// Returns whether any did.
+    fn update(&mut self, stride: usize, source: &[u8], damage: Option<&[DamageRect]>) -> bool {
+        let dirty = copy_damage(&self.grid, &mut self.pixels, stride, source, damage);
+        let mut changed = false;
+        for (index, is_dirty) in dirty.into_iter().enumerate() {
+            if is_dirty && index < self.tiles.len() {
+                let tile = self.make_tile(index);
+                self.tiles[index] = tile;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The render node of tile `index` for `key`, made when missing or made for another key.
+    fn tile_node(&self, index: usize, key: &NodeKey) -> Option<gsk::RenderNode> {
+        let tile = self.tiles.get(index)?;
+        if let Some((k, node)) = tile.node.borrow().as_ref() {
+            if k == key {
+                return Some(node.clone());
+            }
+        }
+        let node = self.make_node(index, tile, key)?;
+        *tile.node.borrow_mut() = Some((*key, node.clone()));
+        Some(node)
+    }
+
+    fn make_node(&self, index: usize, tile: &Tile, key: &NodeKey) -> Option<gsk::RenderNode> {
+        let rect = &key.rect;
+        let scale = f64::from(key.scale_factor.max(1));
+        let sx = rect.width / f64::from(self.width);
+        let sy = rect.height / f64::from(self.height);
+        let map_x = |x: u32| rect.x + f64::from(x) * sx;
+        let map_y = |y: u32| rect.y + f64::from(y) * sy;
+        let snap = |v: f64| (v * scale).round() / scale;
+        let own = self.grid.tile_rect(index);
+        let (clip_x, clip_y) = (snap(map_x(own.x)), snap(map_y(own.y)));
+        let clip = graphene::Rect::new(
+            clip_x as f32,
+            clip_y as f32,
+            (snap(map_x(own.x + own.width)) - clip_x) as f32,
+            (snap(map_y(own.y + own.height)) - clip_y) as f32,
+        );
+        let held = self.grid.texture_rect(index);
+        let (tex_x, tex_y) = (map_x(held.x), map_y(held.y));
+        let filter = match key.drawing {
+            TileDrawing::Texture => {
+                let bounds = graphene::Rect::new(
+                    tex_x as f32,
+                    tex_y as f32,
+                    (map_x(held.x + held.width) - tex_x) as f32,
+                    (map_y(held.y + held.height) - tex_y) as f32,
+                );
+                let texture = gsk::TextureNode::new(&tile.texture, &bounds);
+                return Some(gsk::ClipNode::new(texture, &clip).upcast());
+            }
+            TileDrawing::CairoSmooth => gtk::cairo::Filter::Good,
+            TileDrawing::CairoSharp => gtk::cairo::Filter::Nearest,
+        };
+        let surface = gtk::cairo::ImageSurface::create_for_data(
+            tile.bytes.to_vec(),
+            gtk::cairo::Format::Rgb24,
+            i32::try_from(held.width).ok()?,
+            i32::try_from(held.height).ok()?,
+            i32::try_from(held.width as usize * 4).ok()?,
+        )
+        .ok()?;
+        // The node's bounds are the tile's snapped place, which clips the apron away.
+        let node = gsk::CairoNode::new(&clip);
+        let cr = node.draw_context();
+        cr.translate(tex_x, tex_y);
+        cr.scale(sx, sy);
+        let pattern = gtk::cairo::SurfacePattern::create(&surface);
+        pattern.set_filter(filter);
+        // Frame edges repeat their pixels instead of fading into transparency.
+        pattern.set_extend(gtk::cairo::Extend::Pad);
+        if cr.set_source(&pattern).is_ok() {
+            let _ = cr.paint();
+        }
+        drop(cr);
+        Some(node.upcast())
+    }
+
+    /// The whole frame as one texture.
+    fn texture(&self) -> gdk::Texture {
+        let bytes = glib::Bytes::from(&self.pixels[..]);
+        gdk::MemoryTexture::new(
+            self.width as i32,
+            self.height as i32,
+            gdk::MemoryFormat::B8g8r8a8Premultiplied,
+            &bytes,
+            self.width as usize * 4,
+        )
+        .upcast()
+    }
+}
+
+/// Copies the rectangles `damage` (None: the whole frame) of `source` (rows of `stride`
+/// bytes, B,G,R,X) into `frame` (the grid's frame as opaque BGRA, packed rows). Returns,
+/// per tile of `grid`, whether its texture's pixels changed. Rectangles are cut to the
+/// frame; rows missing from `source` are skipped.
+fn copy_damage(
+    grid: &TileGrid,
+    frame: &mut [u8],
     stride: usize,
-    bytes: glib::Bytes,
-    texture: gdk::MemoryTexture,
+    source: &[u8],
+    damage: Option<&[DamageRect]>,
+) -> Vec<bool> {
+    let whole = [DamageRect::new(0, 0, grid.width, grid.height)];
+    let rects = damage.unwrap_or(&whole);
+    let mut dirty = vec![false; grid.len()];
+    let frame_row = grid.width as usize * 4;
+    for rect in rects {
+        let Some(r) = grid.clamp(rect) else {
+            continue;
+        };
+        let len = r.width as usize * 4;
+        for y in r.y..r.y + r.height {
+            let from = (y as usize)
+                .checked_mul(stride)
+                .and_then(|v| v.checked_add(r.x as usize * 4));
+            let to = y as usize * frame_row + r.x as usize * 4;
+            let (Some(src), Some(dst)) = (
+                from.and_then(|from| source.get(from..from.checked_add(len)?)),
+                frame.get_mut(to..to + len),
+            ) else {
+                continue;
+            };
+            if let Some((first, last)) = copy_opaque_row(src, dst) {
+                let changed = DamageRect::new(r.x + first, y, last - first + 1, 1);
+                for index in grid.tiles_touched(&changed) {
+                    if let Some(d) = dirty.get_mut(index) {
+                        *d = true;
+                    }
+                }
+            }
+        }
+    }
+    dirty
+}
+
+/// Copies one row of B,G,R,X pixels into opaque B,G,R,0xff; returns the first and last
+/// pixel of `dst` that changed, if any. Both slices have the same length (a multiple of 4).
+fn copy_opaque_row(src: &[u8], dst: &mut [u8]) -> Option<(u32, u32)> {
+    let mut changed: Option<(u32, u32)> = None;
+    for (i, (s, d)) in src.chunks_exact(4).zip(dst.chunks_exact_mut(4)).enumerate() {
+        if s[..3] != d[..3] || d[3] != 0xff {
+            d.copy_from_slice(&[s[0], s[1], s[2], 0xff]);
+            let i = i as u32;
+            changed = Some(changed.map_or((i, i), |(first, _)| (first, i)));
+        }
+    }
+    changed
 }
 
 type KeyCallback = Box<dyn Fn(u16, bool)>;
@@ -75,7 +430,6 @@ mod imp {
     #[derive(Default)]
     pub struct ConsoleView {
         pub(super) frame: RefCell<Option<Frame>>,
-        pub(super) sharp_surface: RefCell<Option<gtk::cairo::ImageSurface>>,
         pub(super) mode: Cell<ScaleMode>,
         pub(super) filter: Cell<ScaleFilter>,
         pub(super) pointer_mode: Cell<PointerMode>,
@@ -162,21 +516,32 @@ mod imp {
             let (w, h) = (obj.width() as f32, obj.height() as f32);
             snapshot.append_color(&gdk::RGBA::BLACK, &graphene::Rect::new(0.0, 0.0, w, h));
             if let Some(rect) = obj.frame_rect() {
-                let bounds = graphene::Rect::new(
-                    rect.x as f32,
-                    rect.y as f32,
-                    rect.width as f32,
-                    rect.height as f32,
-                );
-                let frame = self.frame.borrow();
-                if let Some(frame) = frame.as_ref() {
+                if let Some(frame) = self.frame.borrow().as_ref() {
+                    let scale_factor = obj.scale_factor().max(1);
                     let scaled =
-                        (rect.width * f64::from(obj.scale_factor()) - f64::from(frame.width)).abs()
-                            > 0.5;
-                    if self.filter.get() == ScaleFilter::Sharp && scaled {
-                        self.draw_sharp(snapshot, frame, &rect, &bounds);
+                        (rect.width * f64::from(scale_factor) - f64::from(frame.width)).abs() > 0.5;
+                    let cairo_renderer = obj
+                        .native()
+                        .and_then(|n| n.renderer())
+                        .is_some_and(|r| r.is::<gsk::CairoRenderer>());
+                    let drawing = if self.filter.get() == ScaleFilter::Sharp && scaled {
+                        TileDrawing::CairoSharp
+                    } else if cairo_renderer {
+                        TileDrawing::CairoSmooth
                     } else {
-                        snapshot.append_texture(&frame.texture, &bounds);
+                        TileDrawing::Texture
+                    };
+                    let key = NodeKey {
+                        rect,
+                        scale_factor,
+                        drawing,
+                    };
+                    // The same node objects as last time for unchanged tiles: GTK's
+                    // renderer diffs the trees and redraws only the changed tiles.
+                    for index in 0..frame.tiles.len() {
+                        if let Some(node) = frame.tile_node(index, &key) {
+                            snapshot.append_node(&node);
+                        }
                     }
                 }
             }
@@ -184,54 +549,6 @@ mod imp {
                 obj.snapshot_child(hint, snapshot);
             }
         }
-    }
-
-    impl ConsoleView {
-        fn draw_sharp(
-            &self,
-            snapshot: &gtk::Snapshot,
-            frame: &Frame,
-            rect: &FrameRect,
-            bounds: &graphene::Rect,
-        ) {
-            if self.sharp_surface.borrow().is_none() {
-                *self.sharp_surface.borrow_mut() = sharp_surface(frame);
-            }
-            let surface = self.sharp_surface.borrow();
-            let Some(surface) = surface.as_ref() else {
-                snapshot.append_texture(&frame.texture, bounds);
-                return;
-            };
-            let cr = snapshot.append_cairo(bounds);
-            cr.translate(rect.x, rect.y);
-            cr.scale(
-                rect.width / f64::from(frame.width),
-                rect.height / f64::from(frame.height),
-            );
-            let pattern = gtk::cairo::SurfacePattern::create(surface);
-            pattern.set_filter(gtk::cairo::Filter::Nearest);
-            if cr.set_source(&pattern).is_ok() {
-                let _ = cr.paint();
-            }
-        }
-    }
-
-    /// A Cairo copy of the frame (RGB24 ignores the X byte), packed rows.
-    fn sharp_surface(frame: &Frame) -> Option<gtk::cairo::ImageSurface> {
-        let row = frame.width as usize * 4;
-        let mut data = Vec::with_capacity(row * frame.height as usize);
-        for y in 0..frame.height as usize {
-            let start = y * frame.stride;
-            data.extend_from_slice(frame.bytes.get(start..start + row)?);
-        }
-        gtk::cairo::ImageSurface::create_for_data(
-            data,
-            gtk::cairo::Format::Rgb24,
-            i32::try_from(frame.width).ok()?,
-            i32::try_from(frame.height).ok()?,
-            i32::try_from(row).ok()?,
-        )
-        .ok()
     }
 }
 
@@ -362,7 +679,9 @@ impl ConsoleView {
 
     /// Shows a new frame: `bytes` holds `height` rows of `stride` bytes, each pixel
     /// B,G,R,A with A = 0xff (GTK 4.8 has no BGRX format: copy guest frames with
-    /// [`crate::geometry::xrgb_to_opaque`]).
+    /// [`crate::geometry::xrgb_to_opaque`], or hand them to
+    /// [`ConsoleView::update_frame_xrgb`] as they are). Only the tiles whose pixels differ
+    /// from the frame shown are uploaded and redrawn.
     pub fn set_frame(
         &self,
         width: u32,
@@ -370,41 +689,59 @@ impl ConsoleView {
         stride: usize,
         bytes: glib::Bytes,
     ) -> Result<(), FrameError> {
-        if !frame_fits(width, height, stride, bytes.len()) {
+        self.update_frame_xrgb(width, height, stride, &bytes, None)
+    }
+
+    /// Shows a guest frame: `pixels` holds `height` rows of `stride` bytes, each pixel
+    /// B,G,R,X (the X byte is ignored). `damage` says which rectangles changed since the
+    /// frame last given (None: maybe all; a frame of another size is always taken whole);
+    /// only those pixels are copied, and only the tiles whose pixels differ are uploaded
+    /// and redrawn. Rectangles outside the frame are cut to it.
+    pub fn update_frame_xrgb(
+        &self,
+        width: u32,
+        height: u32,
+        stride: usize,
+        pixels: &[u8],
+        damage: Option<&[DamageRect]>,
+    ) -> Result<(), FrameError> {
+        if !frame_fits(width, height, stride, pixels.len()) {
             return Err(FrameError::TooSmall {
                 width,
                 height,
                 stride,
-                len: bytes.len(),
+                len: pixels.len(),
             });
         }
-        let (Ok(w), Ok(h)) = (i32::try_from(width), i32::try_from(height)) else {
+        if i32::try_from(width).is_err() || i32::try_from(height).is_err() {
             return Err(FrameError::TooLarge { width, height });
-        };
-        let texture = gdk::MemoryTexture::new(
-            w,
-            h,
-            gdk::MemoryFormat::B8g8r8a8Premultiplied,
-            &bytes,
-            stride,
-        );
-        let imp = self.imp();
-        let resized = imp
-            .frame
-            .borrow()
-            .as_ref()
-            .is_none_or(|f| f.width != width || f.height != height);
-        *imp.frame.borrow_mut() = Some(Frame {
-            width,
-            height,
-            stride,
-            bytes,
-            texture,
-        });
-        imp.sharp_surface.replace(None);
-        if resized {
-            self.queue_resize();
         }
+        let imp = self.imp();
+        let mut current = imp.frame.borrow_mut();
+        let same_size = current
+            .as_ref()
+            .is_some_and(|f| f.width == width && f.height == height);
+        if same_size {
+            let changed = current
+                .as_mut()
+                .is_some_and(|f| f.update(stride, pixels, damage));
+            drop(current);
+            if changed {
+                self.queue_draw();
+            }
+            return Ok(());
+        }
+        let Some(frame) = Frame::new(width, height, stride, pixels) else {
+            return Err(FrameError::TooSmall {
+                width,
+                height,
+                stride,
+                len: pixels.len(),
+            });
+        };
+        *current = Some(frame);
+        drop(current);
+        self.queue_resize();
         self.queue_draw();
         Ok(())
     }
@@ -412,7 +749,6 @@ impl ConsoleView {
     /// Forgets the frame (the VM stopped): the view shows black.
     pub fn clear_frame(&self) {
         self.imp().frame.replace(None);
-        self.imp().sharp_surface.replace(None);
         self.queue_resize();
     }
 
@@ -427,11 +763,7 @@ impl ConsoleView {
 
     /// The frame shown, as a texture (for screenshots: `texture.save_to_png`).
     pub fn texture(&self) -> Option<gdk::Texture> {
-        self.imp()
-            .frame
-            .borrow()
-            .as_ref()
-            .map(|f| f.texture.clone().upcast())
+        self.imp().frame.borrow().as_ref().map(Frame::texture)
     }
 
     pub fn set_scale_mode(&self, mode: ScaleMode) {
@@ -656,5 +988,219 @@ impl ConsoleView {
         if let Some(cb) = imp.on_relative.borrow().as_ref() {
             cb(dx, dy, wheel, imp.buttons.get());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted(mut v: Vec<usize>) -> Vec<usize> {
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn grid_covers_the_frame_with_smaller_edge_tiles() {
+        let grid = TileGrid::new(300, 130, 128);
+        assert_eq!(grid.len(), 3 * 2);
+        assert_eq!(grid.tile_rect(0), DamageRect::new(0, 0, 128, 128));
+        assert_eq!(grid.tile_rect(2), DamageRect::new(256, 0, 44, 128));
+        assert_eq!(grid.tile_rect(5), DamageRect::new(256, 128, 44, 2));
+        let area: u64 = (0..grid.len())
+            .map(|i| {
+                let r = grid.tile_rect(i);
+                u64::from(r.width) * u64::from(r.height)
+            })
+            .sum();
+        assert_eq!(area, 300 * 130);
+        // An index past the end gives an empty rectangle, not a panic.
+        assert_eq!(grid.tile_rect(99).width * grid.tile_rect(99).height, 0);
+    }
+
+    #[test]
+    fn textures_hold_a_one_pixel_apron_inside_the_frame() {
+        let grid = TileGrid::new(300, 130, 128);
+        assert_eq!(grid.texture_rect(0), DamageRect::new(0, 0, 129, 129));
+        assert_eq!(grid.texture_rect(1), DamageRect::new(127, 0, 130, 129));
+        assert_eq!(grid.texture_rect(5), DamageRect::new(255, 127, 45, 3));
+        // A frame of one tile has no apron.
+        let one = TileGrid::new(40, 20, 128);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one.texture_rect(0), DamageRect::new(0, 0, 40, 20));
+    }
+
+    #[test]
+    fn damage_touches_the_tiles_whose_textures_hold_it() {
+        let grid = TileGrid::new(300, 130, 128);
+        // Inside one tile, away from its edges.
+        assert_eq!(grid.tiles_touched(&DamageRect::new(10, 10, 9, 16)), vec![0]);
+        // The last column of tile 0 is in tile 1's apron, and the first of tile 1 in
+        // tile 0's.
+        assert_eq!(
+            grid.tiles_touched(&DamageRect::new(127, 5, 1, 1)),
+            vec![0, 1]
+        );
+        assert_eq!(
+            grid.tiles_touched(&DamageRect::new(128, 5, 1, 1)),
+            vec![0, 1]
+        );
+        assert_eq!(grid.tiles_touched(&DamageRect::new(129, 5, 1, 1)), vec![1]);
+        // A corner pixel is in four textures.
+        assert_eq!(
+            sorted(grid.tiles_touched(&DamageRect::new(127, 127, 2, 2))),
+            vec![0, 1, 3, 4]
+        );
+        // The right and bottom edge tiles.
+        assert_eq!(
+            grid.tiles_touched(&DamageRect::new(299, 129, 1, 1)),
+            vec![5]
+        );
+        assert_eq!(
+            sorted(grid.tiles_touched(&DamageRect::new(0, 0, 300, 130))),
+            vec![0, 1, 2, 3, 4, 5]
+        );
+    }
+
+    #[test]
+    fn garbage_damage_is_clamped_or_ignored() {
+        let grid = TileGrid::new(300, 130, 128);
+        assert_eq!(
+            sorted(grid.tiles_touched(&DamageRect::new(0, 0, u32::MAX, u32::MAX))),
+            vec![0, 1, 2, 3, 4, 5]
+        );
+        assert_eq!(
+            grid.tiles_touched(&DamageRect::new(290, 0, u32::MAX, 1)),
+            vec![2]
+        );
+        assert!(grid
+            .tiles_touched(&DamageRect::new(300, 0, 10, 10))
+            .is_empty());
+        assert!(grid
+            .tiles_touched(&DamageRect::new(u32::MAX, u32::MAX, u32::MAX, u32::MAX))
+            .is_empty());
+        assert!(grid.tiles_touched(&DamageRect::new(5, 5, 0, 10)).is_empty());
+        assert_eq!(
+            grid.clamp(&DamageRect::new(250, 100, 1000, 1000)),
+            Some(DamageRect::new(250, 100, 50, 30))
+        );
+        // An empty frame has no tiles and nothing touches them.
+        let empty = TileGrid::new(0, 0, 128);
+        assert_eq!(empty.len(), 0);
+        assert!(empty.tiles_touched(&DamageRect::new(0, 0, 1, 1)).is_empty());
+        // A zero tile size is treated as one pixel, not a division by zero.
+        assert_eq!(TileGrid::new(3, 2, 0).len(), 6);
+    }
+
+    #[test]
+    fn only_tiles_with_changed_pixels_are_dirty() {
+        let grid = TileGrid::new(300, 130, 128);
+        let stride = 300 * 4 + 8;
+        let mut source = vec![0u8; stride * 130];
+        let mut frame = vec![0u8; 300 * 4 * 130];
+        // The first copy makes every pixel opaque, so every tile changes.
+        assert!(copy_damage(&grid, &mut frame, stride, &source, None)
+            .iter()
+            .all(|d| *d));
+        assert!(frame.chunks_exact(4).all(|p| p == [0, 0, 0, 0xff]));
+        // The same pixels again: nothing is dirty, even when all is said to be damaged.
+        assert!(!copy_damage(&grid, &mut frame, stride, &source, None)
+            .iter()
+            .any(|d| *d));
+        // One pixel in tile 4 changes; the damage claims a larger area.
+        let (x, y) = (200usize, 129usize);
+        source[y * stride + x * 4..][..4].copy_from_slice(&[9, 8, 7, 0]);
+        let damage = [DamageRect::new(130, 120, 100, 10)];
+        let dirty = copy_damage(&grid, &mut frame, stride, &source, Some(&damage));
+        assert_eq!(dirty, vec![false, false, false, false, true, false]);
+        assert_eq!(&frame[(y * 300 + x) * 4..][..4], &[9, 8, 7, 0xff]);
+        // A change outside the damage is not copied.
+        source[0..4].copy_from_slice(&[1, 1, 1, 1]);
+        let dirty = copy_damage(&grid, &mut frame, stride, &source, Some(&damage));
+        assert!(!dirty.iter().any(|d| *d));
+        assert_eq!(&frame[0..4], &[0, 0, 0, 0xff]);
+        // Garbage rectangles and a source too short for its rows: no panic, rows skipped.
+        let garbage = [
+            DamageRect::new(u32::MAX, 0, 5, 5),
+            DamageRect::new(0, 0, u32::MAX, u32::MAX),
+        ];
+        let short = &source[..stride * 2];
+        let dirty = copy_damage(&grid, &mut frame, stride, short, Some(&garbage));
+        assert_eq!(dirty, vec![true, false, false, false, false, false]);
+        assert_eq!(&frame[0..4], &[1, 1, 1, 0xff]);
+        copy_damage(&grid, &mut frame, usize::MAX, &source, None);
+    }
+
+    #[test]
+    fn rows_are_copied_opaque_and_report_real_changes_only() {
+        let mut dst = vec![1, 2, 3, 0xff, 4, 5, 6, 0xff];
+        // Only the X byte differs: nothing changed.
+        assert_eq!(copy_opaque_row(&[1, 2, 3, 0, 4, 5, 6, 9], &mut dst), None);
+        assert_eq!(dst, [1, 2, 3, 0xff, 4, 5, 6, 0xff]);
+        assert_eq!(
+            copy_opaque_row(&[1, 2, 3, 0, 7, 8, 9, 0], &mut dst),
+            Some((1, 1))
+        );
+        assert_eq!(dst, [1, 2, 3, 0xff, 7, 8, 9, 0xff]);
+        let mut dst = vec![0u8; 4 * 5];
+        let src = [[0, 0, 0, 0], [1, 0, 0, 0], [0; 4], [0, 0, 2, 0], [0; 4]].concat();
+        assert_eq!(copy_opaque_row(&src, &mut dst), Some((0, 4)), "alpha fixed");
+        let mut src = src;
+        src[4] = 5;
+        src[12..15].copy_from_slice(&[0, 0, 0]);
+        assert_eq!(copy_opaque_row(&src, &mut dst), Some((1, 3)));
+    }
+
+    /// GTK needs a display (run under `xvfb-run -a`); without one this test passes early.
+    #[test]
+    fn view_replaces_only_the_tiles_that_changed() {
+        if std::env::var_os("DISPLAY").is_none() || gtk::init().is_err() {
+            println!("SKIPPED: no display");
+            return;
+        }
+        let view = ConsoleView::new();
+        let stride = 300 * 4;
+        let mut guest = vec![0x20u8; stride * 130];
+        view.update_frame_xrgb(300, 130, stride, &guest, None)
+            .unwrap();
+        assert_eq!(view.frame_size(), Some((300, 130)));
+        let textures = |view: &ConsoleView| -> Vec<gdk::MemoryTexture> {
+            let frame = view.imp().frame.borrow();
+            frame
+                .as_ref()
+                .unwrap()
+                .tiles
+                .iter()
+                .map(|t| t.texture.clone())
+                .collect()
+        };
+        let before = textures(&view);
+        assert_eq!(before.len(), 6);
+        // One pixel of tile 4 changes.
+        guest[129 * stride + 200 * 4..][..4].copy_from_slice(&[1, 2, 3, 0]);
+        let damage = [DamageRect::new(200, 129, 1, 1)];
+        view.update_frame_xrgb(300, 130, stride, &guest, Some(&damage))
+            .unwrap();
+        let after = textures(&view);
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            assert_eq!(b == a, i != 4, "tile {i}");
+        }
+        let mut pixels = vec![0u8; 300 * 4 * 130];
+        view.texture().unwrap().download(&mut pixels, 300 * 4);
+        assert_eq!(&pixels[(129 * 300 + 200) * 4..][..4], &[1, 2, 3, 0xff]);
+        // Damage that says nothing changed where nothing did: no tile is replaced.
+        view.update_frame_xrgb(300, 130, stride, &guest, None)
+            .unwrap();
+        assert!(textures(&view).iter().zip(&after).all(|(a, b)| a == b));
+        // A new size is taken whole; garbage damage is cut, not a panic.
+        let small = vec![0x40u8; 64 * 4 * 32];
+        let garbage = [DamageRect::new(u32::MAX, 3, u32::MAX, 9)];
+        view.update_frame_xrgb(64, 32, 64 * 4, &small, Some(&garbage))
+            .unwrap();
+        assert_eq!(view.frame_size(), Some((64, 32)));
+        assert!(view
+            .update_frame_xrgb(64, 32, 64 * 4, &small[..100], None)
+            .is_err());
+        assert_eq!(view.frame_size(), Some((64, 32)));
     }
 }
