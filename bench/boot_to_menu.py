@@ -93,8 +93,11 @@ def command_for(engine: str, memory_mib: int, debugcon: Path) -> list[str]:
             "--boot-menu",
         ]
     return [
-        # The same hardware as DeskVM's default machine: a Cirrus card (with its VGA BIOS).
+        # The same hardware as DeskVM's default machine: a Cirrus card (with its VGA BIOS),
+        # the PIIX3 UHCI controller and COM1 (SeaBIOS probes both; without them QEMU's
+        # firmware skips USB enumeration and the comparison is not like for like).
         QEMU, "-enable-kvm", "-machine", "pc", "-nodefaults", "-vga", "cirrus",
+        "-device", "piix3-usb-uhci", "-serial", "null",
         "-m", str(memory_mib),
         "-bios", str(BIOS),
         "-chardev", f"file,id=dbg,path={debugcon}",
