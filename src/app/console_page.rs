@@ -257,6 +257,30 @@ fn show_changes(attached: &RefCell<Option<Attached>>, view: &ConsoleView) {
 /// An action's accelerators, kept aside while the keyboard is grabbed.
 type SavedAccels = (String, Vec<glib::GString>);
 
+/// While the view is grabbed, the app's shortcuts (Ctrl+Q, Ctrl+N, F11...) go to the VM:
+/// their accelerators are set aside on grab and put back on release.
+pub(crate) fn suspend_app_shortcuts_while_grabbed(view: &ConsoleView, app: gtk::Application) {
+    let saved: RefCell<Vec<SavedAccels>> = RefCell::default();
+    view.connect_grab_changed(move |grabbed| {
+        if grabbed {
+            let mut saved = saved.borrow_mut();
+            for action in app.list_action_descriptions() {
+                let accels: Vec<glib::GString> =
+                    app.accels_for_action(&action).into_iter().collect();
+                if !accels.is_empty() {
+                    app.set_accels_for_action(&action, &[]);
+                    saved.push((action.to_string(), accels));
+                }
+            }
+        } else {
+            for (action, accels) in saved.borrow_mut().drain(..) {
+                let accels: Vec<&str> = accels.iter().map(|a| a.as_str()).collect();
+                app.set_accels_for_action(&action, &accels);
+            }
+        }
+    });
+}
+
 struct Attached {
     name: String,
     vm: Arc<VmHandle>,
@@ -400,26 +424,7 @@ impl ConsolePage {
         });
 
         // While grabbed, the app's shortcuts (Ctrl+Q, Ctrl+N, F11...) go to the VM too.
-        let saved_accels: Rc<RefCell<Vec<SavedAccels>>> = Rc::default();
-        view.connect_grab_changed(move |grabbed| {
-            let app = relm4::main_adw_application();
-            if grabbed {
-                let mut saved = saved_accels.borrow_mut();
-                for action in app.list_action_descriptions() {
-                    let accels: Vec<glib::GString> =
-                        app.accels_for_action(&action).into_iter().collect();
-                    if !accels.is_empty() {
-                        app.set_accels_for_action(&action, &[]);
-                        saved.push((action.to_string(), accels));
-                    }
-                }
-            } else {
-                for (action, accels) in saved_accels.borrow_mut().drain(..) {
-                    let accels: Vec<&str> = accels.iter().map(|a| a.as_str()).collect();
-                    app.set_accels_for_action(&action, &accels);
-                }
-            }
-        });
+        suspend_app_shortcuts_while_grabbed(&view, relm4::main_adw_application().upcast());
 
         let attached: Rc<RefCell<Option<Attached>>> = Rc::new(RefCell::new(None));
 

@@ -22,7 +22,9 @@ use deskvm_ui::keysym::{text_to_keysym_events, KeysymEvent};
 use deskvm_ui::{ConsoleView, PointerMode, ScaleFilter, ScaleMode};
 use gtk::glib;
 
-use super::console_page::{copy_frame, icon_button, screenshot_path, send_keys_button};
+use super::console_page::{
+    copy_frame, icon_button, screenshot_path, send_keys_button, suspend_app_shortcuts_while_grabbed,
+};
 use super::dialogs;
 use super::i18n::tr;
 use super::remote::{RemoteError, RemoteSession, RemoteStatus, RemoteTarget, ScreenshotError};
@@ -184,35 +186,6 @@ fn send_keysyms_paced(slot: &SessionSlot, events: Vec<KeysymEvent>) {
     });
 }
 
-/// An action's accelerators, kept aside while the keyboard is grabbed.
-type SavedAccels = (String, Vec<glib::GString>);
-
-/// While the view is grabbed, the app's shortcuts (Ctrl+Q, Ctrl+N...) go to the VM too.
-fn suspend_app_shortcuts_while_grabbed(view: &ConsoleView, app: Option<gtk::Application>) {
-    let Some(app) = app else {
-        return;
-    };
-    let saved: RefCell<Vec<SavedAccels>> = RefCell::default();
-    view.connect_grab_changed(move |grabbed| {
-        if grabbed {
-            let mut saved = saved.borrow_mut();
-            for action in app.list_action_descriptions() {
-                let accels: Vec<glib::GString> =
-                    app.accels_for_action(&action).into_iter().collect();
-                if !accels.is_empty() {
-                    app.set_accels_for_action(&action, &[]);
-                    saved.push((action.to_string(), accels));
-                }
-            }
-        } else {
-            for (action, accels) in saved.borrow_mut().drain(..) {
-                let accels: Vec<&str> = accels.iter().map(|a| a.as_str()).collect();
-                app.set_accels_for_action(&action, &accels);
-            }
-        }
-    });
-}
-
 /// Opens a window showing the remote VM; when the connection fails or ends it says so and
 /// offers to connect again.
 fn open_console(parent: &adw::ApplicationWindow, target: RemoteTarget) {
@@ -266,7 +239,9 @@ fn open_console(parent: &adw::ApplicationWindow, target: RemoteTarget) {
             }
         }
     });
-    suspend_app_shortcuts_while_grabbed(&view, parent.application());
+    if let Some(app) = parent.application() {
+        suspend_app_shortcuts_while_grabbed(&view, app);
+    }
 
     let reconnect = gtk::Button::with_label(&tr("Reconnect"));
     reconnect.add_css_class("pill");
