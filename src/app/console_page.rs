@@ -366,6 +366,31 @@ pub(crate) fn send_keys_button(
     button
 }
 
+/// The "Type the Clipboard" button: reads the clipboard's text and hands it to `type_text`.
+pub(crate) fn type_clipboard_button(type_text: impl Fn(&str) + 'static) -> gtk::Button {
+    let button = icon_button("edit-paste-symbolic", &tr("Type the Clipboard"));
+    let type_text = Rc::new(type_text);
+    button.connect_clicked(move |button| {
+        let type_text = type_text.clone();
+        button
+            .clipboard()
+            .read_text_async(None::<&gtk::gio::Cancellable>, move |read| {
+                if let Ok(Some(text)) = read {
+                    type_text(text.as_str());
+                }
+            });
+    });
+    button
+}
+
+/// What the toast says when clipboard characters had no key to type them with.
+pub(crate) fn skipped_characters_text(skipped: usize) -> String {
+    format!(
+        "{} {skipped}",
+        tr("Characters without a key on a US keyboard skipped:")
+    )
+}
+
 pub(crate) fn screenshot_path(name: &str) -> PathBuf {
     let dir = dirs::picture_dir()
         .or_else(dirs::home_dir)
@@ -473,26 +498,14 @@ impl ConsolePage {
         });
         toolbar.append(&keys);
 
-        let paste = icon_button("edit-paste-symbolic", &tr("Type the Clipboard"));
         let i = input.clone();
         let s = sender.clone();
-        paste.connect_clicked(move |button| {
-            let i = i.clone();
-            let s = s.clone();
-            button
-                .clipboard()
-                .read_text_async(None::<&gtk::gio::Cancellable>, move |r| {
-                    if let Ok(Some(text)) = r {
-                        let (events, skipped) = text_to_key_events(text.as_str());
-                        if skipped > 0 {
-                            s.input(AppMsg::Toast(format!(
-                                "{} {skipped}",
-                                tr("Characters without a key on a US keyboard skipped:")
-                            )));
-                        }
-                        send_paced(i, events);
-                    }
-                });
+        let paste = type_clipboard_button(move |text| {
+            let (events, skipped) = text_to_key_events(text);
+            if skipped > 0 {
+                s.input(AppMsg::Toast(skipped_characters_text(skipped)));
+            }
+            send_paced(i.clone(), events);
         });
         toolbar.append(&paste);
 

@@ -23,7 +23,8 @@ use deskvm_ui::{ConsoleView, PointerMode, ScaleFilter, ScaleMode};
 use gtk::glib;
 
 use super::console_page::{
-    copy_frame, icon_button, screenshot_path, send_keys_button, suspend_app_shortcuts_while_grabbed,
+    copy_frame, icon_button, screenshot_path, send_keys_button, skipped_characters_text,
+    suspend_app_shortcuts_while_grabbed, type_clipboard_button,
 };
 use super::dialogs;
 use super::i18n::tr;
@@ -268,26 +269,14 @@ fn open_console(parent: &adw::ApplicationWindow, target: RemoteTarget) {
     toolbar.append(&keys);
 
     let toasts = adw::ToastOverlay::new();
-    let paste = icon_button("edit-paste-symbolic", &tr("Type the Clipboard"));
     let s = slot.clone();
     let t = toasts.clone();
-    paste.connect_clicked(move |button| {
-        let s = s.clone();
-        let t = t.clone();
-        button
-            .clipboard()
-            .read_text_async(None::<&gtk::gio::Cancellable>, move |read| {
-                if let Ok(Some(text)) = read {
-                    let (events, skipped) = text_to_keysym_events(text.as_str());
-                    if skipped > 0 {
-                        t.add_toast(adw::Toast::new(&format!(
-                            "{} {skipped}",
-                            tr("Characters without a key on a US keyboard skipped:")
-                        )));
-                    }
-                    send_keysyms_paced(&s, events);
-                }
-            });
+    let paste = type_clipboard_button(move |text| {
+        let (events, skipped) = text_to_keysym_events(text);
+        if skipped > 0 {
+            t.add_toast(adw::Toast::new(&skipped_characters_text(skipped)));
+        }
+        send_keysyms_paced(&s, events);
     });
     toolbar.append(&paste);
 
