@@ -23,7 +23,7 @@ use deskvm_ui::{ConsoleView, PointerMode, ScaleFilter, ScaleMode};
 use gtk::glib;
 
 use super::console_page::{
-    copy_frame, icon_button, screenshot_path, send_keys_button, skipped_characters_text,
+    icon_button, screenshot_path, send_keys_button, skipped_characters_text,
     suspend_app_shortcuts_while_grabbed, type_clipboard_button,
 };
 use super::dialogs;
@@ -518,24 +518,22 @@ fn open_console(parent: &adw::ApplicationWindow, target: RemoteTarget) {
                 if session.generation() != shown.get() {
                     if let Some((generation, frame)) = session.frame_since(shown.get()) {
                         shown.set(generation);
-                        let copied = copy_frame(
+                        // The view takes the XRGB frame as it is (no opaque copy).
+                        let stride = frame.width as usize * 4;
+                        match view.update_frame_xrgb(
                             frame.width,
                             frame.height,
-                            frame.width as usize * 4,
+                            stride,
                             &frame.pixels,
-                        );
-                        if let Some(copied) = copied {
-                            let stride = copied.width as usize * 4;
-                            let bytes = glib::Bytes::from_owned(copied.pixels);
-                            match view.set_frame(copied.width, copied.height, stride, bytes) {
-                                Ok(()) => {
-                                    if stack.visible_child_name().as_deref() != Some("view") {
-                                        stack.set_visible_child_name("view");
-                                        set_session_items(true);
-                                    }
+                            None,
+                        ) {
+                            Ok(()) => {
+                                if stack.visible_child_name().as_deref() != Some("view") {
+                                    stack.set_visible_child_name("view");
+                                    set_session_items(true);
                                 }
-                                Err(e) => log::warn!("remote console: {e}"),
                             }
+                            Err(e) => log::warn!("remote console: {e}"),
                         }
                     }
                 }
