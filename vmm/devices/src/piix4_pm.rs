@@ -242,13 +242,15 @@ impl Piix4Pm {
         (ticks / TIMER_STATUS_PERIOD_TICKS + 1) * TIMER_STATUS_PERIOD_TICKS
     }
 
-    /// Latches TMR_STS if bit 23 toggled since it was last evaluated.
-    fn update_timer_status(&mut self) {
+    /// Latches TMR_STS if bit 23 toggled since it was last evaluated; returns the ticks
+    /// it looked at.
+    fn update_timer_status(&mut self) -> u64 {
         let ticks = self.timer_ticks();
         if ticks >= self.next_timer_status_tick {
             self.regs.pm1_sts |= TMR_STS;
             self.next_timer_status_tick = self.next_status_tick_after(ticks);
         }
+        ticks
     }
 
     // ---- SCI and decode ----
@@ -288,8 +290,7 @@ impl Piix4Pm {
 
     /// The PM block's first 12 bytes as the guest reads them.
     fn register_image(&mut self) -> [u8; 12] {
-        self.update_timer_status();
-        let timer = (self.timer_ticks() & TIMER_MASK) as u32;
+        let timer = (self.update_timer_status() & TIMER_MASK) as u32;
         let mut image = [0u8; 12];
         image[0..2].copy_from_slice(&self.regs.pm1_sts.to_le_bytes());
         image[2..4].copy_from_slice(&self.regs.pm1_en.to_le_bytes());
